@@ -1,0 +1,1 @@
+"""Users and creators: vectorised choice models, state dynamics, arrivals/churn, creator adaptation."""

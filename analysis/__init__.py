@@ -1,0 +1,1 @@
+"""Analysis: metric functions, per-cycle metric components, plots and comparisons."""

@@ -1,0 +1,426 @@
+"""Per-cycle metric components (registered as ``metric``), computed from one cycle's feedback.
+
+Each component documents the metric names it emits in ``METRICS`` (shown by ``recloop list``) and
+returns rows ``(metric, group, value)``; the run store adds policy, seed and step. Components that
+need pairs or user histories work on fixed samples drawn once per run (``metrics.pairs``,
+``metrics.user_sample``), so their cost does not grow with the population.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from recloop import registry
+from recloop.analysis import metrics as M
+from recloop.registry import Params, register
+from recloop.sim.rng import component_rng
+
+Row = tuple[str, str, float]
+
+
+class MetricComponent:
+    """Base class: ``compute(model, feedback, popularity) -> rows``; state is checkpointed."""
+
+    METRICS: dict[str, str] = {}
+    default = True
+
+    class Params(Params):
+        pass
+
+    def __init__(self, params=None, **context):
+        self.params = params if params is not None else type(self).Params()
+
+    def setup(self, world, seed: int, suite: MetricSuite) -> None:
+        pass
+
+    def compute(self, model, fb, popularity: np.ndarray) -> list[Row]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "params"}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def _f(x) -> float:
+    return float(x) if x is not None else float("nan")
+
+
+@register("metric", "exposure")
+class Exposure(MetricComponent):
+    """M-GINI, M-COV, M-ENT on exposure (slates), per cycle and cumulative."""
+
+    METRICS = {
+        "gini_exposure": "M-GINI of item exposure counts this cycle (all items, zeros included)",
+        "gini_exposure_cum": "M-GINI of cumulative exposure since the start",
+        "coverage": "M-COV: share of the catalog shown to anyone this cycle",
+        "coverage_cum": "M-COV cumulative: share of the catalog ever shown",
+        "exposure_entropy": "M-ENT: Shannon entropy (nats) of exposure shares this cycle",
+    }
+
+    def setup(self, world, seed, suite):
+        self.cum = np.zeros(world.items.n, np.float64)
+
+    def compute(self, model, fb, popularity):
+        n = model.world.items.n
+        e = M.exposure_counts(fb.slates, n)
+        if len(self.cum) < n:
+            self.cum = np.concatenate([self.cum, np.zeros(n - len(self.cum))])
+        self.cum += e
+        return [
+            ("gini_exposure", "", M.gini(e)),
+            ("gini_exposure_cum", "", M.gini(self.cum)),
+            ("coverage", "", M.coverage(fb.slates, n)),
+            ("coverage_cum", "", float(np.count_nonzero(self.cum)) / n),
+            ("exposure_entropy", "", M.entropy(e)),
+        ]
+
+
+@register("metric", "consumption")
+class Consumption(MetricComponent):
+    """M-GINI on consumption (chosen items), per cycle and cumulative."""
+
+    METRICS = {
+        "gini_consumption": "M-GINI of item consumption counts this cycle",
+        "gini_consumption_cum": "M-GINI of cumulative consumption",
+    }
+
+    def setup(self, world, seed, suite):
+        self.cum = np.zeros(world.items.n, np.float64)
+
+    def compute(self, model, fb, popularity):
+        n = model.world.items.n
+        c = np.bincount(fb.chosen_item[fb.chosen_item >= 0], minlength=n).astype(np.float64)
+        if len(self.cum) < n:
+            self.cum = np.concatenate([self.cum, np.zeros(n - len(self.cum))])
+        self.cum += c
+        return [("gini_consumption", "", M.gini(c)), ("gini_consumption_cum", "", M.gini(self.cum))]
+
+
+@register("metric", "popularity_bias")
+class PopularityBias(MetricComponent):
+    """M-ARP, M-APLT/ACLT (Elliot head, pop_ratio 0.8), M-POPLIFT (ΔGAP by user group), M-NOV."""
+
+    METRICS = {
+        "arp": "M-ARP: mean popularity φ of recommended items",
+        "aplt": "M-APLT: mean share of long-tail items per slate",
+        "aclt": "M-ACLT: mean count of long-tail items per slate",
+        "pop_lift": "M-POPLIFT ΔGAP (GAP_r−GAP_p)/GAP_p; group all|niche|diverse|blockbuster (sampled users)",
+        "mean_pop_consumed": "M-POPLIFT companion: mean φ of items consumed this cycle (Mansoury 2020)",
+        "novelty": "M-NOV: mean self-information −log2(φ/n_users) of recommended items (bits)",
+    }
+
+    def setup(self, world, seed, suite):
+        self.suite = None
+
+    def compute(self, model, fb, popularity):
+        w = model.world
+        pop = np.zeros(w.items.n)
+        pop[: len(popularity)] = popularity[: w.items.n]
+        head = M.short_head_mask(pop)
+        rows = [
+            ("arp", "", M.arp(fb.slates, pop)),
+            ("aplt", "", M.aplt(fb.slates, head)),
+            ("aclt", "", M.aclt(fb.slates, head)),
+            ("novelty", "", M.novelty(fb.slates, pop, max(w.users.n, 1))),
+        ]
+        ch = fb.chosen_item[fb.chosen_item >= 0]
+        rows.append(("mean_pop_consumed", "", float(pop[ch].mean()) if len(ch) else float("nan")))
+        sample = model.metrics.user_sample(fb.users)
+        if len(sample):
+            idx = np.searchsorted(fb.users, sample)
+            indptr, items = model.history.csr(sample)
+            lens = np.diff(indptr)
+            has = lens > 0
+            owner = np.repeat(np.arange(len(sample)), lens)
+            prof_pop = np.bincount(owner, weights=pop[items], minlength=len(sample)) / np.maximum(lens, 1)
+            prof_head = np.bincount(owner, weights=head[items].astype(float), minlength=len(sample)) / np.maximum(lens, 1)
+            rec_pop = M.per_user_mean(fb.slates[idx], pop)
+            ok = has & np.isfinite(rec_pop)
+            if ok.sum() >= 5:
+                rows.append(("pop_lift", "all", M.popularity_lift(prof_pop[ok], rec_pop[ok])))
+                groups = M.user_popularity_groups(prof_head[ok])
+                for g, name in enumerate(("niche", "diverse", "blockbuster")):
+                    sel = groups == g
+                    if sel.any():
+                        rows.append(("pop_lift", name, M.popularity_lift(prof_pop[ok][sel], rec_pop[ok][sel])))
+        return rows
+
+
+@register("metric", "calibration")
+class Calibration(MetricComponent):
+    """M-CALKL: Steck miscalibration of slates against each user's history genre mix (sampled users)."""
+
+    METRICS = {"miscalibration": "M-CALKL mean C_KL(p‖q̃), α=0.01, uniform weights (sampled users)"}
+
+    def compute(self, model, fb, popularity):
+        w = model.world
+        sample = model.metrics.user_sample(fb.users)
+        if len(sample) == 0:
+            return []
+        idx = np.searchsorted(fb.users, sample)
+        indptr, items = model.history.csr(sample)
+        lens = np.diff(indptr)
+        owner = np.repeat(np.arange(len(sample)), lens)
+        G = w.items.genres.shape[1]
+        target = np.zeros((len(sample), G))
+        np.add.at(target, owner, w.items.genres[items])
+        ok = lens > 0
+        if not ok.any():
+            return []
+        target = target[ok] / lens[ok, None]
+        realised = M.genre_distribution(fb.slates[idx][ok], w.items.genres[: w.items.n])
+        return [("miscalibration", "", float(np.nanmean(M.miscalibration(target, realised))))]
+
+
+@register("metric", "diversity")
+class Diversity(MetricComponent):
+    """M-ILD (cosine on true attributes) and T-RECS AFSR, over sampled users."""
+
+    METRICS = {"ild": "M-ILD mean intra-list cosine distance", "afsr": "AFSR mean attribute score range"}
+
+    def compute(self, model, fb, popularity):
+        sample = model.metrics.user_sample(fb.users)
+        if len(sample) == 0:
+            return []
+        sl = fb.slates[np.searchsorted(fb.users, sample)]
+        attrs = model.world.items.attrs[: model.world.items.n]
+        return [("ild", "", float(np.nanmean(M.intra_list_diversity(sl, attrs)))), ("afsr", "", M.afsr(sl, attrs))]
+
+
+@register("metric", "homogenization")
+class Homogenization(MetricComponent):
+    """M-HOMOG: mean Jaccard of histories (and of slates) over fixed random user pairs, and over
+    similar-user pairs (each sampled user with its most cosine-similar user under the policy's user
+    factors). Report the similar-pair value relative to the ideal policy with
+    :func:`recloop.analysis.compare.relative_to`."""
+
+    METRICS = {
+        "homogenization": "M-HOMOG mean Jaccard of histories over fixed random user pairs",
+        "rec_similarity": "M-HOMOG mean Jaccard of this cycle's slates over the same pairs",
+        "homogenization_similar": "M-HOMOG mean Jaccard of histories over similar-user pairs (policy factors)",
+    }
+
+    def setup(self, world, seed, suite):
+        rng = component_rng(seed, "metric.pairs")
+        n = world.users.n
+        p = suite.config.pairs
+        a = rng.integers(0, n, size=p)
+        b = (a + rng.integers(1, max(n, 2), size=p)) % max(n, 1)
+        self.pairs = np.stack([a, b], axis=1).astype(np.int64)
+        self.sim_users = rng.choice(n, size=min(n, p), replace=False).astype(np.int64)
+
+    def compute(self, model, fb, popularity):
+        users = np.unique(self.pairs)
+        indptr, items = model.history.csr(users)
+        local = np.searchsorted(users, self.pairs)
+        rows = [("homogenization", "", M.mean_pair_jaccard(indptr, items, local))]
+        pos = np.searchsorted(fb.users, self.pairs)
+        pos = np.minimum(pos, len(fb.users) - 1)
+        both = (fb.users[pos] == self.pairs).all(axis=1)
+        if both.any():
+            rows.append(("rec_similarity", "", M.mean_pair_jaccard_slates(fb.slates[pos[both]].reshape(-1, fb.slates.shape[1]).reshape(-1, 2, fb.slates.shape[1]).transpose(1, 0, 2).reshape(-1, fb.slates.shape[1]) if False else fb.slates, pos[both])))
+        f = model.policy.factors(model.world) if hasattr(model.policy, "factors") else None
+        if f is not None and f[0].shape[1] > 1:
+            U = f[0][: model.world.users.n].astype(np.float64)
+            norms = np.linalg.norm(U, axis=1)
+            Un = U / np.where(norms > 0, norms, 1)[:, None]
+            q = self.sim_users[self.sim_users < len(Un)]
+            sims = Un[q] @ Un.T
+            sims[np.arange(len(q)), q] = -np.inf
+            partner = np.argmax(sims, axis=1)
+            pairs = np.stack([q, partner], axis=1)
+            us = np.unique(pairs)
+            ip, it = model.history.csr(us)
+            rows.append(("homogenization_similar", "", M.mean_pair_jaccard(ip, it, np.searchsorted(us, pairs))))
+        return rows
+
+
+@register("metric", "polarization")
+class Polarization(MetricComponent):
+    """M-POLAR on opinions z_u = projection of true preferences on a fixed axis: the first principal
+    component of the initial preferences (our choice). Variance, Esteban–Ray (10 bins, a=1.6... a=1),
+    bimodality coefficient, and the multi-dimensional dispersion (trace of the covariance)."""
+
+    METRICS = {
+        "polarization_var": "M-POLVAR Var(z) of opinions on the fixed axis",
+        "polarization_er": "M-ER Esteban–Ray index (10 bins, a=1, K=1)",
+        "bimodality": "M-BC bimodality coefficient (>0.556 suggests two camps)",
+        "preference_dispersion": "trace of the covariance of true preference vectors",
+    }
+
+    def setup(self, world, seed, suite):
+        x0 = world.users.prefs0[: world.users.n].astype(np.float64)
+        x0 = x0 - x0.mean(axis=0)
+        _, _, vt = np.linalg.svd(x0[: min(len(x0), 20000)], full_matrices=False)
+        self.axis = vt[0]
+
+    def compute(self, model, fb, popularity):
+        x = model.world.users.prefs[fb.users].astype(np.float64)
+        z = x @ self.axis
+        _, var = M.polarization_variance(z)
+        return [
+            ("polarization_var", "", var),
+            ("polarization_er", "", M.esteban_ray(z, bins=10, a=1.0, K=1.0)),
+            ("bimodality", "", M.bimodality_coefficient(z)),
+            ("preference_dispersion", "", float(np.trace(np.cov(x.T))) if len(x) > 1 else 0.0),
+        ]
+
+
+@register("metric", "drift")
+class DriftMetric(MetricComponent):
+    """M-DRIFT: cosine distance of x_u^t from x_u^0 (mean, p90), angle, L2; bubble tightness."""
+
+    METRICS = {
+        "drift_mean": "M-DRIFT mean cosine distance 1−cos(x_t, x_0)",
+        "drift_p90": "M-DRIFT 90th percentile of the cosine distance",
+        "drift_angle": "M-DRIFT mean angle (radians)",
+        "drift_l2": "M-DRIFT mean ‖x_t − x_0‖",
+        "bubble_tightness": "mean cosine distance between x_t and the consumed item's attributes",
+    }
+
+    def compute(self, model, fb, popularity):
+        u = fb.users
+        w = model.world
+        d = M.drift(w.users.prefs[u], w.users.prefs0[u])
+        rows = [
+            ("drift_mean", "", float(np.mean(d["cosine_distance"]))),
+            ("drift_p90", "", float(np.percentile(d["cosine_distance"], 90))),
+            ("drift_angle", "", float(np.mean(d["angle"]))),
+            ("drift_l2", "", float(np.mean(d["l2"]))),
+        ]
+        hit = fb.chosen_item >= 0
+        if hit.any():
+            bt = M.drift(w.items.attrs[fb.chosen_item[hit]], w.users.prefs[u[hit]])["cosine_distance"]
+            rows.append(("bubble_tightness", "", float(np.mean(bt))))
+        return rows
+
+
+@register("metric", "fairness")
+class Fairness(MetricComponent):
+    """M-EXPFAIR: position-weighted exposure of the protected item group (items.group == 1) vs the rest."""
+
+    METRICS = {
+        "exposure_dpr": "M-EXPFAIR demographic-parity ratio Exp(G1)/Exp(G0) (1 = parity)",
+        "exposure_share_gap": "M-EXPFAIR exposure share of G1 minus its catalog share",
+    }
+
+    def compute(self, model, fb, popularity):
+        w = model.world
+        r = M.exposure_fairness(fb.slates, w.items.group[: w.items.n], w.items.n)
+        return [("exposure_dpr", "", _f(r["dpr"])), ("exposure_share_gap", "", _f(r["share_gap"]))]
+
+
+@register("metric", "utility")
+class Utility(MetricComponent):
+    """M-UTIL: mean realised utility (no-click = 0), CTR, no-click rate, and oracle regret on a fixed
+    user sample (best unconsumed item by true utility vs the realised one). The ratio to the ideal
+    policy comes from :func:`recloop.analysis.compare.relative_to`."""
+
+    METRICS = {
+        "utility": "M-UTIL mean realised true utility per active user (no-click = 0)",
+        "ctr": "M-UTIL clicks / slots shown",
+        "no_click_rate": "M-UTIL share of users who clicked nothing",
+        "regret": "M-UTIL mean regret V(best unconsumed) − V(chosen) over sampled users",
+        "active_users": "users served this cycle",
+        "catalog_size": "items in the catalog",
+    }
+
+    def setup(self, world, seed, suite):
+        rng = component_rng(seed, "metric.regret")
+        n = suite.config.regret_sample
+        self.regret_users = np.sort(rng.choice(world.users.n, size=min(n, world.users.n), replace=False))
+
+    def compute(self, model, fb, popularity):
+        n = len(fb.users)
+        clicks = int((fb.chosen_item >= 0).sum())
+        slots = int((fb.slates >= 0).sum())
+        st = M.utility_stats(fb.utility, n, clicks, slots)
+        rows = [("utility", "", st["mean_utility"]), ("ctr", "", st["ctr"]), ("no_click_rate", "", st["no_click_rate"]),
+                ("active_users", "", float(n)), ("catalog_size", "", float(model.world.items.n))]
+        if len(self.regret_users):
+            pos = np.searchsorted(fb.users, self.regret_users)
+            pos = np.minimum(pos, max(n - 1, 0))
+            here = fb.users[pos] == self.regret_users
+            if here.any():
+                users = self.regret_users[here]
+                w = model.world
+                exclude = None if model.scenario.users.repeat_consumption else _Before(model.history, fb)
+                _, best = model.engine.topk_factors(users, 1, w.users.prefs, w.items.attrs[: w.items.n], exclude=exclude)
+                best = np.where(np.isfinite(best[:, 0]), best[:, 0], 0.0)
+                rows.append(("regret", "", M.regret(best, fb.utility[pos[here]]) / len(users)))
+        return rows
+
+
+class _Before:
+    """History as it was before this cycle's consumption (the oracle compares against unconsumed items)."""
+
+    def __init__(self, history, fb):
+        self.history = history
+        self.consumed = dict(zip(fb.users[fb.chosen_item >= 0].tolist(), fb.chosen_item[fb.chosen_item >= 0].tolist()))
+
+    def pairs(self, users):
+        r, c = self.history.pairs(users)
+        if not len(r):
+            return r, c
+        drop = np.array([self.consumed.get(int(users[i])) == int(j) for i, j in zip(r, c)]) if len(r) < 50000 else None
+        if drop is None:
+            return r, c
+        return r[~drop], c[~drop]
+
+
+@register("metric", "provenance")
+class Provenance(MetricComponent):
+    """Share of the training log by provenance (organic, recommended, llm_augmented)."""
+
+    METRICS = {"log_share": "share of the training log by provenance; group provenance=<name>"}
+
+    def compute(self, model, fb, popularity):
+        from recloop.recommenders.base import PROVENANCE_NAMES
+
+        shares = model.log.provenance_shares()
+        return [("log_share", f"provenance={PROVENANCE_NAMES[i]}", float(s)) for i, s in enumerate(shares)]
+
+
+class MetricSuite:
+    """The metric components of a run, with the fixed samples they share."""
+
+    def __init__(self, config, *, seed: int, world, k: int):
+        self.config = config
+        self.seed = seed
+        names = config.include if config.include is not None else [
+            s.name for s in registry.specs("metric") if getattr(s.cls, "default", True)]
+        names = [n for n in names if n not in set(config.exclude)]
+        self.components = [registry.build("metric", {"type": n}) for n in names]
+        rng = component_rng(seed, "metric.users")
+        n = world.users.n
+        self._sample = np.sort(rng.choice(n, size=min(n, config.user_sample), replace=False)).astype(np.int64)
+        for c in self.components:
+            c.setup(world, seed, self)
+
+    def user_sample(self, active: np.ndarray) -> np.ndarray:
+        """The fixed user sample, restricted to users active this cycle (``active`` is sorted)."""
+        return self._sample[np.isin(self._sample, active, assume_unique=True)]
+
+    def compute(self, model, fb, popularity) -> list[Row]:
+        rows: list[Row] = []
+        for c in self.components:
+            rows.extend((m, g, float(v)) for m, g, v in c.compute(model, fb, popularity))
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"components": [c.state_dict() for c in self.components]}
+
+    def load_state_dict(self, state: dict, world) -> None:
+        for c, s in zip(self.components, state["components"]):
+            c.load_state_dict(s)
+
+
+def metric_docs() -> dict[str, str]:
+    """Every metric name any registered component can emit, with its documentation."""
+    out = {}
+    for spec in registry.specs("metric"):
+        out.update(getattr(spec.cls, "METRICS", {}))
+    return out

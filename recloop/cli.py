@@ -1,0 +1,162 @@
+"""The ``recloop`` command line: run, validate, schema, list, plot, resume (and ``llm`` tools).
+
+Bad input is reported as one paragraph on stderr with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from recloop.errors import RecloopInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Simulate recommender feedback loops from YAML scenarios.")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    raise SystemExit(code)
+
+
+@app.command()
+def run(
+    scenario: Path = typer.Argument(..., help="scenario YAML file (or the name of a shipped scenario)"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory to create"),
+    seed: Optional[int] = typer.Option(None, help="override the scenario's seed"),
+    steps: Optional[int] = typer.Option(None, help="override the number of cycles", min=1),
+    overwrite: bool = typer.Option(False, help="replace a previous run in --out"),
+    workers: int = typer.Option(1, help="processes running (policy, seed) pairs in parallel", min=1),
+    progress: bool = typer.Option(True, help="show the progress bar"),
+    plot: bool = typer.Option(False, help="write DIR/metrics.png at the end"),
+) -> None:
+    """Run a scenario into a run directory (metrics.parquet, manifest.json, checkpoints)."""
+    from recloop.sim.runner import run_scenario
+
+    manifest = run_scenario(scenario, out, seed=seed, steps=steps, overwrite=overwrite, workers=workers,
+                            progress=progress)
+    t = manifest.get("timings", {})
+    typer.echo(f"done: {out} ({len(manifest['runs'])} run(s), {t.get('cycle_s_median', 0):.4f} s/cycle median, "
+               f"peak RSS {t.get('peak_rss_mb', 0):.0f} MB)")
+    if plot:
+        from recloop.analysis.plot import plot_run
+
+        typer.echo(f"plot: {plot_run(out)}")
+
+
+@app.command()
+def resume(
+    run_dir: Path = typer.Argument(..., help="run directory of an interrupted run"),
+    workers: int = typer.Option(1, min=1),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Continue an interrupted run (even one killed with SIGKILL) from its latest checkpoints."""
+    from recloop.sim.runner import resume_run
+
+    resume_run(run_dir, workers=workers, progress=progress)
+    typer.echo(f"done: {run_dir}")
+
+
+@app.command()
+def validate(scenario: Path = typer.Argument(..., help="scenario YAML file")) -> None:
+    """Check a scenario file without running it."""
+    from recloop.sim.config import load_scenario
+
+    sc = load_scenario(scenario)
+    pols = ", ".join(sc.policy_configs())
+    typer.echo(f"ok: {scenario} ({sc.name}; {sc.steps} cycles; policies: {pols}; config hash {sc.config_hash()})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of scenario files (for editor completion)."""
+    from recloop.sim.config import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@app.command(name="list")
+def list_components(kind: Optional[str] = typer.Argument(None, help="only this kind (policy, metric, ...)")) -> None:
+    """Show every registered component with its parameters and their documentation."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from recloop import registry
+    from recloop.analysis.collectors import MetricComponent
+
+    if kind is not None and kind not in registry.KINDS:
+        raise RecloopInputError(f"unknown kind '{kind}'. Kinds: {', '.join(registry.KINDS)}.", key="kind")
+    console = Console(width=140)
+    for k in [kind] if kind else registry.KINDS:
+        specs = registry.specs(k)
+        if not specs:
+            continue
+        table = Table(title=f"{k} components", show_lines=True, title_justify="left")
+        table.add_column("type", style="bold cyan", no_wrap=True)
+        table.add_column("description")
+        table.add_column("parameters")
+        for spec in specs:
+            params = []
+            for name, field in spec.params.model_fields.items():
+                default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+                ann = getattr(field.annotation, "__name__", str(field.annotation)).replace("typing.", "")
+                desc = f" — {field.description}" if field.description else ""
+                params.append(f"{field.alias or name}: {ann} = {default}{desc}")
+            doc = spec.doc.split("\n\n")[0]
+            if issubclass(spec.cls, MetricComponent):
+                doc += "\n" + "\n".join(f"• {m}: {d}" for m, d in spec.cls.METRICS.items())
+            table.add_row(spec.name, doc, "\n".join(params) or "—")
+        console.print(table)
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="image file (default DIR/metrics.png)"),
+    metrics: Optional[str] = typer.Option(None, help="comma-separated metric names"),
+) -> None:
+    """Small multiples of the metrics over time (one line per policy, a band across seeds)."""
+    from recloop.analysis.plot import plot_run
+
+    if not run_dir.is_dir():
+        raise RecloopInputError("no such run directory.", file=str(run_dir))
+    names = [m.strip() for m in metrics.split(",")] if metrics else None
+    try:
+        path = plot_run(run_dir, out, names)
+    except ValueError as exc:
+        raise RecloopInputError(str(exc), file=str(run_dir)) from None
+    typer.echo(f"plot: {path}")
+
+
+def _mount_optional() -> None:
+    try:
+        from recloop.recommenders.llm.cli import llm_app
+    except ImportError:
+        return
+    app.add_typer(llm_app, name="llm")
+
+
+def main(argv: list[str] | None = None) -> None:
+    _mount_optional()
+    try:
+        app(args=argv, standalone_mode=False, prog_name="recloop")
+    except RecloopInputError as exc:
+        _fail(str(exc))
+    except click.exceptions.Abort:
+        _fail("aborted.", 130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _fail("interrupted; `recloop resume DIR` continues the run from its last checkpoint.", 130)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,158 @@
+"""Versioned string-id registry for every pluggable component (Gymnasium-style).
+
+Each component kind (``policy``, ``choice``, ``dynamics``, ``creator``, ``world``, ``metric``,
+``reranker``, ``llm_backend``, ...) has its own namespace. A component is a class with a nested
+pydantic ``Params`` model (extra keys forbidden); YAML selects it with ``type: <id>`` and the other
+keys become its parameters. Third parties register through the ``recloop.plugins`` entry-point group:
+each entry point names a module (or a callable) that registers its components when loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from recloop.errors import RecloopInputError, did_you_mean
+
+KINDS = (
+    "world",
+    "policy",
+    "reranker",
+    "choice",
+    "dynamics",
+    "population",
+    "creator",
+    "metric",
+    "llm_backend",
+    "llm_role",
+)
+
+
+class Params(BaseModel):
+    """Base class for component parameters: typed, validated, extra keys forbidden."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str
+    name: str
+    cls: type
+    doc: str
+
+    @property
+    def params(self) -> type[Params]:
+        return getattr(self.cls, "Params", Params)
+
+
+_REGISTRY: dict[str, dict[str, Spec]] = {k: {} for k in KINDS}
+_LOADED = {"builtins": False, "plugins": False}
+
+# Modules whose import registers the built-in components.
+BUILTIN_MODULES = (
+    "recloop.sim.generators",
+    "recloop.agents.choice",
+    "recloop.agents.dynamics",
+    "recloop.agents.population",
+    "recloop.agents.creators",
+    "recloop.recommenders.classic",
+    "recloop.recommenders.knn",
+    "recloop.recommenders.mf",
+    "recloop.recommenders.pipeline",
+    "recloop.recommenders.rerankers",
+    "recloop.analysis.collectors",
+    "recloop.recommenders.llm",
+)
+
+
+def register(kind: str, name: str):
+    """Class decorator: register ``cls`` as component ``name`` of ``kind``.
+
+    Names may carry a version suffix (``mnl-v1``); the bare name resolves to the newest version.
+    """
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
+
+    def deco(cls):
+        params = getattr(cls, "Params", None)
+        if params is not None and params.model_config.get("extra") != "forbid":
+            raise TypeError(f"{cls.__name__}.Params must forbid extra keys (subclass recloop.registry.Params)")
+        doc = (cls.__doc__ or "").strip()
+        _REGISTRY[kind][name] = Spec(kind, name, cls, doc)
+        cls.registry_kind = kind
+        cls.registry_name = name
+        return cls
+
+    return deco
+
+
+def load_builtins() -> None:
+    if _LOADED["builtins"]:
+        return
+    _LOADED["builtins"] = True
+    for mod in BUILTIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:  # a module not written yet, or an optional dependency
+            if not (exc.name or "").startswith("recloop"):
+                raise
+
+
+def load_plugins() -> None:
+    """Load third-party components from the ``recloop.plugins`` entry-point group."""
+    if _LOADED["plugins"]:
+        return
+    _LOADED["plugins"] = True
+    for ep in entry_points(group="recloop.plugins"):
+        obj = ep.load()
+        if callable(obj):
+            obj()
+
+
+def _ensure_loaded() -> None:
+    load_builtins()
+    load_plugins()
+
+
+def names(kind: str) -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY[kind])
+
+
+def specs(kind: str | None = None) -> list[Spec]:
+    _ensure_loaded()
+    kinds = [kind] if kind else list(KINDS)
+    return [_REGISTRY[k][n] for k in kinds for n in sorted(_REGISTRY[k])]
+
+
+def get(kind: str, name: str, *, where: str | None = None, file: str | None = None) -> Spec:
+    """Look up a component; unknown names raise a user-facing error with the closest valid id."""
+    _ensure_loaded()
+    table = _REGISTRY[kind]
+    if name in table:
+        return table[name]
+    versions = sorted(n for n in table if n.startswith(name + "-v"))
+    if versions:
+        return table[versions[-1]]
+    allowed = ", ".join(sorted(table)) or "(none registered)"
+    raise RecloopInputError(
+        f"unknown {kind} type '{name}'.{did_you_mean(name, table)} Allowed {kind} types: {allowed}.",
+        file=file,
+        key=where,
+    )
+
+
+def build(kind: str, config: dict[str, Any] | BaseModel, **context):
+    """Instantiate a component from a ``{type: ..., **params}`` mapping (validated already)."""
+    if isinstance(config, BaseModel):
+        config = config.model_dump()
+    config = dict(config)
+    name = config.pop("type")
+    spec = get(kind, name)
+    params = spec.params.model_validate(config)
+    return spec.cls(params, **context)

@@ -1,0 +1,1 @@
+"""Recommender policies: classic, matrix factorisation, pipelines, re-rankers and LLM stages."""

@@ -1,0 +1,101 @@
+"""Classic reference policies (reference §E): random, popularity, ideal (oracle), content filtering."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from recloop.recommenders.base import Feedback, Policy, TrainingData
+from recloop.registry import Params, register
+from recloop.sim.rng import derive_key, hash_uniform
+
+
+@register("policy", "random")
+class RandomPolicy(Policy):
+    """E-RAND: uniform random slates of unconsumed items; counter-based, so chunking-invariant."""
+
+    def score(self, users, world, step=0):
+        key = derive_key(self.context.seed, "policy.random", step)
+        return hash_uniform(key, users[:, None], np.arange(world.items.n)[None, :], dtype=np.float32)
+
+
+@register("policy", "popularity")
+class PopularityPolicy(Policy):
+    """E-POP: rank by φ(i), the number of distinct users who interacted with i in the training data;
+    ties break by lower item id."""
+
+    def __init__(self, params=None, **kw):
+        super().__init__(params, **kw)
+        self.pop = np.zeros(0, np.float32)
+
+    def fit(self, data: TrainingData, world, *, step, rng, warm_start):
+        self.pop = data.popularity().astype(np.float32)
+
+    def factors(self, world):
+        n = world.items.n
+        pop = np.zeros(n, np.float32)
+        pop[: min(n, len(self.pop))] = self.pop[:n]
+        users = np.zeros((world.users.prefs.shape[0], 1), np.float32)
+        return users, np.zeros((n, 1), np.float32), pop
+
+
+@register("policy", "ideal")
+class IdealPolicy(Policy):
+    """The oracle: ranks by true utility V_ui = <x_u, a_i> (the reference every study needs)."""
+
+    uses_ground_truth = True
+
+    def factors(self, world):
+        return world.users.prefs, world.items.attrs[: world.items.n], None
+
+
+@register("policy", "content")
+class ContentFiltering(Policy):
+    """Content-based filtering (the T-RECS ContentFiltering analogue): a user's estimated profile is
+    the running mean of the attributes of the items it consumed; score = <profile, a_i>.
+
+    Online: profiles update every cycle in O(n_users · d); ``fit`` rebuilds them from the log.
+    """
+
+    online = True
+
+    class Params(Params):
+        prior_weight: float = Field(1.0, ge=0, description="pseudo-count of the population mean profile")
+
+    def __init__(self, params=None, **kw):
+        super().__init__(params, **kw)
+        self.sums = None
+        self.counts = None
+
+    def _ensure(self, world):
+        n, d = world.users.prefs.shape[0], world.items.dim
+        if self.sums is None:
+            self.sums = np.zeros((n, d), np.float32)
+            self.counts = np.zeros(n, np.float32)
+        elif self.sums.shape[0] < n:
+            pad = n - self.sums.shape[0]
+            self.sums = np.concatenate([self.sums, np.zeros((pad, d), np.float32)])
+            self.counts = np.concatenate([self.counts, np.zeros(pad, np.float32)])
+
+    def fit(self, data, world, *, step, rng, warm_start):
+        self._ensure(world)
+        if warm_start and self.counts.sum() > 0:
+            return  # online updates already keep the profiles current
+        self.sums[:] = 0
+        self.counts[:] = 0
+        np.add.at(self.sums, data.users, world.items.attrs[data.items])
+        self.counts += np.bincount(data.users, minlength=len(self.counts)).astype(np.float32)
+
+    def update(self, feedback: Feedback, world):
+        self._ensure(world)
+        hit = feedback.chosen_item >= 0
+        u = feedback.users[hit]
+        self.sums[u] += world.items.attrs[feedback.chosen_item[hit]]  # a user picks at most once per cycle
+        self.counts[u] += 1
+
+    def factors(self, world):
+        self._ensure(world)
+        mean = self.sums.sum(0) / max(self.counts.sum(), 1.0)
+        w = self.params.prior_weight
+        prof = (self.sums + w * mean) / (self.counts[:, None] + w)
+        return prof.astype(np.float32), world.items.attrs[: world.items.n], None

@@ -1,0 +1,584 @@
+"""Calibrated surrogate LLM (reference F-SURR) for the F-ROLES (augment, recommend, rank, profile).
+
+:class:`SurrogateLLM` implements the same ``generate(requests, params)`` interface as the real
+backends, but reads each request's structured ``payload`` instead of the prompt, and writes text in
+the format a real model would produce, so the same parsers (:mod:`.parsing`) and matcher
+(:mod:`.matching`) measure it.
+
+Tasks and payloads (arrays may be lists or numpy arrays):
+
+``"augment"`` / ``"recommend"`` (F-AUG, generative F-RANK)
+    ``candidates`` (item ids the LLM may pick from, usually unconsumed items), ``relevance``
+    (aligned floats, default 0), ``popularity`` (aligned phi, default 0), ``n`` (slots, default 10),
+    ``titles`` (the catalog title list, or a callable id -> title together with ``n_items``; default:
+    the ``titles`` given to the constructor), optional ``exclude`` (item ids never to output) and
+    ``seed`` (per-(step, user) int). Output: ``"1. Title\\n2. Title\\n..."``. Per slot: with prob h a
+    hallucination - with prob eps_near a near-miss (a real candidate's title with 1-2 character edits,
+    difflib ratio >= 0.7 to it, never an exact catalog title), else a fabricated title (token
+    recombination, checked to be < 0.7 to every title); otherwise the next item of a Plackett-Luce
+    draw without replacement with weights exp(rel/tau_s) * (1+phi)^beta.
+``"rank"`` (F-RANK reranking)
+    ``relevance``, ``popularity`` (aligned with the candidates as presented, position 1 first),
+    optional ``n`` (how many to output, default all), ``seed``. score_j = rel_j/tau_s + rho*log(1/pos_j)
+    + beta*log(1+phi_j); Plackett-Luce sample; output ``"3, 1, 2, ..."`` (1-based positions).
+``"profile"`` (F-PROFILE)
+    ``history_genre_shares``, ``genre_prior`` (arrays over genres), ``genres`` (names),
+    ``n_claims`` (default 3), ``seed``. Each claim is drawn from the user's shares with prob 1-h_p,
+    else from the prior (distinct genres). Output ``"The user likes X. The user likes Y."``.
+
+Determinism: each request uses ``default_rng(SeedSequence([params.seed, payload seed, task id]))``
+(task id = crc32 of the task name, so the augment and profile draws of the same (step, user) are
+independent); requests without a payload seed use crc32 of the prompt. Output therefore never
+depends on batching or request order. The fabricated-title pool is built once per catalog (seeded
+by ``params.seed``) and cached; near-misses are made per slot (cheap string edits, one difflib call).
+
+Calibration helpers (F-SURR "Calibration against the real model"): :func:`fit_beta`,
+:func:`fit_rho`, :func:`expected_lpd_fn`, :func:`calibrate`, :func:`validate_surrogate`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .matching import TitleMatcher, normalise_title, ratio, split_year
+from .types import GenerationParams, LLMBackend, LLMRequest, LLMResponse
+
+__all__ = [
+    "SurrogateParams",
+    "SurrogateLLM",
+    "fit_beta",
+    "fit_rho",
+    "fit_monotone",
+    "expected_lpd_fn",
+    "calibrate",
+    "validate_surrogate",
+]
+
+_MASK64 = (1 << 64) - 1
+
+
+class SurrogateParams(BaseModel):
+    """Parameters of the F-SURR generative model (defaults are uncalibrated placeholders: our choice).
+
+    h: item-hallucination probability per slot; beta: popularity tilt (1+phi)^beta; tau_s:
+    relevance temperature; rho: position-bias strength in rerank mode; h_p: probability that a
+    profile claim comes from the population prior instead of the user's history; eps_near:
+    fraction of hallucinations that are near-misses (they match, ratio >= 0.7); seed: model seed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    h: float = Field(0.1, ge=0.0, le=1.0)
+    beta: float = 0.5
+    tau_s: float = Field(1.0, gt=0.0)
+    rho: float = 0.3
+    h_p: float = Field(0.2, ge=0.0, le=1.0)
+    eps_near: float = Field(0.3, ge=0.0, le=1.0)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# hallucination material
+# --------------------------------------------------------------------------------------------
+
+_WORD_RE = re.compile(r"[^\W\d_][\w']*", re.UNICODE)
+_FILLER = (
+    "Zephyr", "Marrow", "Quill", "Vantor", "Obsidian", "Lantern", "Kestrel", "Umber", "Solace", "Brimwood",
+    "Harrow", "Juniper", "Cobalt", "Whisper", "Ferrule", "Tamarind", "Glimmer", "Orrery", "Pallor", "Thistle",
+)
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _fingerprint(titles: Sequence[str]) -> tuple[Any, ...]:
+    n = len(titles)
+    if n == 0:
+        return (0,)
+    picks = {0, n - 1, n // 2, n // 3, (2 * n) // 3, n // 7}
+    return (n, *(str(titles[i]) for i in sorted(picks)))
+
+
+class _CatalogPool:
+    """Per-catalog material: the matcher (exact lookup, far-check) and a pool of fabricated titles."""
+
+    def __init__(self, titles: Sequence[str], size: int, seed: int, threshold: float) -> None:
+        self.titles = [str(t) for t in titles]
+        self.threshold = threshold
+        self.matcher = TitleMatcher(self.titles, threshold=threshold)
+        self.fabricated = self._fabricate(size, seed)
+
+    def _fabricate(self, size: int, seed: int) -> list[str]:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed) & _MASK64, 0xFAB]))
+        vocab: list[str] = []
+        for t in self.titles:
+            vocab.extend(w for w in _WORD_RE.findall(split_year(t)[0]) if len(w) >= 2)
+        if len(set(vocab)) < 8:
+            vocab.extend(_FILLER)
+        vocab_arr = np.array(vocab, dtype=object)
+        pool: list[str] = []
+        seen: set[str] = set()
+        for round_ in range(12):
+            need = size - len(pool)
+            if need <= 0:
+                break
+            if round_ >= 6:  # tiny or very repetitive catalogs: mix in filler words
+                vocab_arr = np.concatenate([vocab_arr, np.array(_FILLER * 4, dtype=object)])
+            m = 3 * need + 16
+            lens = rng.integers(2, 5, size=m)
+            words = vocab_arr[rng.integers(0, len(vocab_arr), size=int(lens.sum()))]
+            cands: list[str] = []
+            pos = 0
+            for L in lens:
+                ws = [w[:1].upper() + w[1:] for w in words[pos : pos + L]]
+                pos += L
+                cand = " ".join(ws)
+                key = normalise_title(cand)
+                if key and key not in seen:
+                    seen.add(key)
+                    cands.append(cand)
+            if not cands:
+                continue
+            bound = self.matcher.max_possible_scores(cands)
+            for c, b in zip(cands, bound):
+                if b < self.threshold:
+                    pool.append(c)
+                    if len(pool) >= size:
+                        break
+        if not pool:  # pragma: no cover - essentially impossible with the filler words
+            raise RuntimeError("SurrogateLLM: could not fabricate titles far from the catalog")
+        return pool
+
+    def near_miss(self, title: str, rng: np.random.Generator) -> str | None:
+        """A 1-2 character edit of ``title`` with difflib ratio >= threshold, not an exact catalog title."""
+        base, _ = split_year(title)
+        suffix = title[len(base) :]
+        orig = normalise_title(title)
+        if not orig:
+            return None
+        for attempt in range(10):
+            n_edits = int(rng.integers(1, 3)) if attempt < 5 else 1
+            chars = list(base)
+            for _ in range(n_edits):
+                alnum = [k for k, c in enumerate(chars) if c.isalnum()]
+                if not alnum:
+                    break
+                k = alnum[int(rng.integers(0, len(alnum)))]
+                op = int(rng.integers(0, 4)) if attempt < 8 else 2  # late attempts: insertions only
+                letter = _LETTERS[int(rng.integers(0, 26))]
+                if op == 0:
+                    chars[k] = letter if chars[k].lower() != letter else _LETTERS[(ord(letter) - 96) % 26]
+                elif op == 1 and len(alnum) > 3:
+                    del chars[k]
+                elif op == 3 and k + 1 < len(chars) and chars[k + 1].isalnum() and chars[k + 1] != chars[k]:
+                    chars[k], chars[k + 1] = chars[k + 1], chars[k]
+                else:
+                    chars.insert(k + 1, letter)
+            cand = "".join(chars) + suffix
+            key = normalise_title(cand)
+            if key == orig or self.matcher.exact_item(key) >= 0:
+                continue
+            if ratio(key, orig) >= self.threshold:
+                return cand
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# the surrogate backend
+# --------------------------------------------------------------------------------------------
+
+
+def _as_float(x: Any, n: int, default: float = 0.0) -> np.ndarray:
+    if x is None:
+        return np.full(n, default, dtype=float)
+    a = np.asarray(x, dtype=float).ravel()
+    if a.size != n:
+        raise ValueError(f"SurrogateLLM: payload array has {a.size} entries, expected {n}")
+    return a
+
+
+def _gumbel_order(logits: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
+    """Indices of a Plackett-Luce sample without replacement (first k), via Gumbel top-k."""
+    keys = logits + rng.gumbel(size=logits.size)
+    k = min(k, logits.size)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < logits.size:
+        top = np.argpartition(-keys, k - 1)[:k]
+        return top[np.argsort(-keys[top], kind="stable")]
+    return np.argsort(-keys, kind="stable")
+
+
+class SurrogateLLM(LLMBackend):
+    """F-SURR surrogate backend: cheap, seeded, and parsed through the same path as a real model.
+
+    Parameters
+    ----------
+    params: the generative parameters (:class:`SurrogateParams`).
+    titles: default catalog titles (used when a payload carries none, and to enumerate a
+        callable ``titles`` payload for the fabricated pool).
+    pool_size: number of fabricated titles precomputed per catalog.
+    threshold: the L-HALL tau used to certify near-misses and fabricated titles.
+
+    ``GenerationParams`` are accepted for interface compatibility; temperature/top_p do not apply
+    (randomness is governed by tau_s) and the text is not truncated to ``max_tokens``. Token counts
+    in the responses are approximate (characters / 4). ``loglik`` is not available.
+    """
+
+    model_id = "surrogate"
+
+    def __init__(
+        self,
+        params: SurrogateParams | Mapping[str, Any] | None = None,
+        titles: Sequence[str] | None = None,
+        pool_size: int = 512,
+        threshold: float = 0.7,
+    ) -> None:
+        if params is None:
+            params = SurrogateParams()
+        elif not isinstance(params, SurrogateParams):
+            params = SurrogateParams(**dict(params))
+        self.params = params
+        self.titles = list(titles) if titles is not None else None
+        self.pool_size = int(pool_size)
+        self.threshold = float(threshold)
+        self._pools: OrderedDict[tuple[Any, ...], _CatalogPool] = OrderedDict()
+        self._callable_catalogs: dict[int, tuple[Any, list[str]]] = {}
+
+    # -- catalog handling ------------------------------------------------------------------
+    def pool_for(self, titles: Sequence[str]) -> _CatalogPool:
+        """The cached per-catalog pool (built on first use; keyed by a cheap content fingerprint)."""
+        key = (_fingerprint(titles), self.params.seed, self.pool_size, self.threshold)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = _CatalogPool(titles, self.pool_size, self.params.seed, self.threshold)
+            self._pools[key] = pool
+            while len(self._pools) > 4:
+                self._pools.popitem(last=False)
+        else:
+            self._pools.move_to_end(key)
+        return pool
+
+    def _catalog(self, payload: Mapping[str, Any]) -> tuple[Callable[[int], str], _CatalogPool]:
+        t = payload.get("titles", None)
+        if t is None:
+            if self.titles is None:
+                raise ValueError("SurrogateLLM: payload has no 'titles' and no catalog was given")
+            t = self.titles
+        if callable(t):
+            fn = t
+            if self.titles is not None:
+                catalog = self.titles
+            else:
+                n_items = payload.get("n_items")
+                if n_items is None:
+                    raise ValueError("SurrogateLLM: a callable 'titles' needs 'n_items' or constructor titles")
+                hit = self._callable_catalogs.get(id(fn))
+                if hit is None or hit[0] is not fn or len(hit[1]) != int(n_items):
+                    hit = (fn, [str(fn(i)) for i in range(int(n_items))])
+                    self._callable_catalogs[id(fn)] = hit
+                catalog = hit[1]
+            pool = self.pool_for(catalog)
+            return (lambda i: str(fn(int(i)))), pool
+        pool = self.pool_for(t)
+        return (lambda i: pool.titles[int(i)]), pool
+
+    # -- seeding -----------------------------------------------------------------------------
+    def request_rng(self, request: LLMRequest) -> np.random.Generator:
+        """The request's generator: SeedSequence([params.seed, payload seed (or crc32(prompt)), crc32(task)])."""
+        payload = request.payload or {}
+        s = payload.get("seed")
+        if s is None:
+            s = zlib.crc32(str(request.prompt).encode())
+        task_id = zlib.crc32(str(request.task).encode())
+        return np.random.default_rng(
+            np.random.SeedSequence([int(self.params.seed) & _MASK64, int(s) & _MASK64, task_id])
+        )
+
+    # -- tasks -----------------------------------------------------------------------------
+    def _recommend(self, payload: Mapping[str, Any], rng: np.random.Generator) -> str:
+        p = self.params
+        cands = np.asarray(payload.get("candidates", []), dtype=np.int64).ravel()
+        m = cands.size
+        rel = _as_float(payload.get("relevance"), m)
+        pop = _as_float(payload.get("popularity"), m)
+        n = int(payload.get("n", 10))
+        title_of, pool = self._catalog(payload)
+        # fixed draw order -> the stream does not depend on branch outcomes
+        u_hall = rng.random(n)
+        u_near = rng.random(n)
+        fab_pick = rng.integers(0, len(pool.fabricated), size=n)
+        hall = u_hall < p.h
+        fabricated = hall & (u_near >= p.eps_near)
+        logits = rel / p.tau_s + (p.beta * np.log1p(np.maximum(pop, 0.0)) if p.beta != 0.0 else 0.0)
+        exclude = payload.get("exclude")
+        if exclude is not None and m:
+            logits = np.where(np.isin(cands, np.asarray(exclude, dtype=np.int64)), -np.inf, logits)
+        n_items = n - int(fabricated.sum())
+        order = _gumbel_order(logits, rng, n_items) if m else np.zeros(0, dtype=np.int64)
+        if exclude is not None and order.size:
+            order = order[np.isfinite(logits[order])]
+        lines: list[str] = []
+        nxt = 0
+        for s in range(n):
+            if fabricated[s]:
+                title = pool.fabricated[int(fab_pick[s])]
+            else:
+                if nxt >= order.size:
+                    continue  # candidates exhausted
+                title = title_of(cands[order[nxt]])
+                nxt += 1
+                if hall[s]:
+                    title = pool.near_miss(title, rng) or title
+            lines.append(f"{len(lines) + 1}. {title}")
+        return "\n".join(lines)
+
+    def _rank(self, payload: Mapping[str, Any], rng: np.random.Generator) -> str:
+        p = self.params
+        rel = payload.get("relevance")
+        if rel is None:
+            k = len(payload.get("candidates", []))
+            rel = np.zeros(k)
+        rel = np.asarray(rel, dtype=float).ravel()
+        k = rel.size
+        pop = _as_float(payload.get("popularity"), k)
+        pos = np.arange(1, k + 1, dtype=float)
+        score = rel / p.tau_s - p.rho * np.log(pos) + p.beta * np.log1p(np.maximum(pop, 0.0))
+        n = int(payload.get("n", k) or k)
+        order = _gumbel_order(score, rng, n)
+        return ", ".join(str(int(i) + 1) for i in order)
+
+    def _profile(self, payload: Mapping[str, Any], rng: np.random.Generator) -> str:
+        p = self.params
+        genres = [str(g) for g in payload["genres"]]
+        g = len(genres)
+        shares = _as_float(payload.get("history_genre_shares"), g)
+        prior = _as_float(payload.get("genre_prior"), g, default=1.0)
+        n_claims = int(payload.get("n_claims", 3))
+        u_src = rng.random(n_claims)
+        u_pick = rng.random(n_claims)
+        avail = np.ones(g, dtype=bool)
+        out: list[str] = []
+        for c in range(n_claims):
+            first, second = (prior, shares) if u_src[c] < p.h_p else (shares, prior)
+            w = np.where(avail, np.maximum(first, 0.0), 0.0)
+            if w.sum() <= 0:
+                w = np.where(avail, np.maximum(second, 0.0), 0.0)
+            if w.sum() <= 0:
+                break
+            cdf = np.cumsum(w)
+            k = min(int(np.searchsorted(cdf, u_pick[c] * cdf[-1], side="right")), g - 1)
+            while not avail[k] or w[k] <= 0:  # guard against float edge cases
+                k = int(np.flatnonzero(w > 0)[-1])
+            avail[k] = False
+            out.append(f"The user likes {genres[k]}.")
+        return " ".join(out)
+
+    def generate_text(self, request: LLMRequest) -> str:
+        """The text for one request (see the module docstring for tasks and payloads)."""
+        payload = request.payload or {}
+        rng = self.request_rng(request)
+        task = str(request.task).lower()
+        if task in ("augment", "recommend"):
+            return self._recommend(payload, rng)
+        if task == "rank":
+            return self._rank(payload, rng)
+        if task == "profile":
+            return self._profile(payload, rng)
+        raise ValueError(f"SurrogateLLM: unknown task {request.task!r} (augment, recommend, rank, profile)")
+
+    def generate(self, requests: Sequence[LLMRequest], params: GenerationParams | None = None) -> list[LLMResponse]:
+        """One response per request; failures (bad payloads) are reported as failed responses."""
+        out: list[LLMResponse] = []
+        for req in requests:
+            t0 = time.perf_counter()
+            try:
+                text, failed, err = self.generate_text(req), False, None
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                text, failed, err = "", True, f"surrogate: {type(e).__name__}: {e}"
+            out.append(
+                LLMResponse(
+                    text=text,
+                    prompt_tokens=len(str(req.prompt)) // 4,
+                    completion_tokens=len(text) // 4,
+                    failed=failed,
+                    error=err,
+                    cached=False,
+                    wall_s=time.perf_counter() - t0,
+                )
+            )
+        return out
+
+    def loglik(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
+        """Not available: the surrogate has no token likelihoods (use ``rank`` requests instead)."""
+        raise NotImplementedError("SurrogateLLM has no token log-likelihoods; use task='rank'")
+
+
+# --------------------------------------------------------------------------------------------
+# calibration (F-SURR "Calibration against the real model")
+# --------------------------------------------------------------------------------------------
+
+
+def fit_monotone(
+    target: float, fn: Callable[[float], float], lo: float, hi: float, xtol: float = 1e-4
+) -> float:
+    """Root of fn(x) = target for a monotone fn on [lo, hi] (brentq); clipped to the nearer bound
+    when the target is outside [fn(lo), fn(hi)]."""
+    from scipy.optimize import brentq
+
+    f_lo, f_hi = fn(lo) - target, fn(hi) - target
+    if f_lo == 0:
+        return float(lo)
+    if f_hi == 0:
+        return float(hi)
+    if np.sign(f_lo) == np.sign(f_hi):
+        return float(lo if abs(f_lo) < abs(f_hi) else hi)
+    return float(brentq(lambda x: fn(x) - target, lo, hi, xtol=xtol))
+
+
+def fit_beta(
+    target_lpd: float, lpd_fn: Callable[[float], float], lo: float = -5.0, hi: float = 5.0
+) -> float:
+    """beta such that the surrogate's LPD(beta) equals the real model's LPD (F-SURR; L-POPBIAS a).
+
+    LPD is monotone increasing in beta, so 1-D root finding (``scipy.optimize.brentq``) on
+    [lo, hi]; a target outside [LPD(lo), LPD(hi)] gives the nearer bound. ``lpd_fn`` is e.g.
+    :func:`expected_lpd_fn`.
+    """
+    return fit_monotone(float(target_lpd), lpd_fn, lo, hi)
+
+
+def fit_rho(selected_positions: Any, n_candidates: int | Sequence[int] | np.ndarray) -> float:
+    """rho from the 1-based positions (candidates shuffled) of the real model's first-ranked candidate.
+
+    MLE of P(pos = j) proportional to j**(-rho), i.e. the log-linear regression of selection
+    probability on log(1/pos) (F-SURR; same estimator as
+    :func:`recloop.analysis.llm_metrics.position_bias_slope`).
+    """
+    from recloop.analysis.llm_metrics import position_bias_slope
+
+    return position_bias_slope(selected_positions, n_candidates)
+
+
+def expected_lpd_fn(
+    payloads: Sequence[Mapping[str, Any]],
+    reference_pops: Sequence[Sequence[float] | np.ndarray],
+    tau_s: float = 1.0,
+    plus_one: bool = True,
+) -> Callable[[float], float]:
+    """LPD(beta) of the surrogate on probe payloads, in expectation (smooth, strictly increasing).
+
+    For each probe payload (``candidates``/``relevance``/``popularity`` as in ``augment``), the
+    expected mean log10(1+phi) of a recommended item under pi(beta) = softmax(rel/tau_s +
+    beta*log(1+phi)) minus the mean log10(1+phi) of the user's reference items R_u; averaged over
+    payloads (L-POPBIAS a). Hallucinated slots do not enter LPD, so h does not matter; sampling
+    without replacement is approximated by the per-slot marginal.
+    """
+    rows = []
+    for pl, ref in zip(payloads, reference_pops):
+        pop = np.maximum(np.asarray(pl.get("popularity"), dtype=float).ravel(), 0.0)
+        rel = np.asarray(pl.get("relevance", np.zeros(pop.size)), dtype=float).ravel()
+        ref = np.asarray(ref, dtype=float).ravel()
+        if pop.size == 0 or ref.size == 0:
+            continue
+        f = np.log10(1.0 + pop) if plus_one else np.log10(np.maximum(pop, 1e-12))
+        r = np.log10(1.0 + ref) if plus_one else np.log10(np.maximum(ref, 1e-12))
+        rows.append((rel / tau_s, np.log1p(pop), f, float(r.mean())))
+    if not rows:
+        raise ValueError("expected_lpd_fn: no usable probe payloads")
+    width = max(r[0].size for r in rows)
+    base = np.full((len(rows), width), -np.inf)
+    lp = np.zeros((len(rows), width))
+    val = np.zeros((len(rows), width))
+    refm = np.array([r[3] for r in rows])
+    for k, (b, l_, f, _) in enumerate(rows):
+        base[k, : b.size], lp[k, : b.size], val[k, : b.size] = b, l_, f
+
+    def lpd_of(beta: float) -> float:
+        z = base + beta * lp
+        z = z - z.max(axis=1, keepdims=True)
+        w = np.exp(z)
+        e = (w * val).sum(axis=1) / w.sum(axis=1)
+        return float(np.mean(e - refm))
+
+    return lpd_of
+
+
+def calibrate(probe_results: Mapping[str, Any]) -> SurrogateParams:
+    """Fit :class:`SurrogateParams` to a real model's behaviour on a probe set (F-SURR).
+
+    ``probe_results`` keys (all optional; a missing one keeps the ``base`` value):
+
+    ``base``: SurrogateParams or dict - starting values (tau_s, seed, ...); default SurrogateParams().
+    ``hall_rate``: the real model's HallRate (L-HALL) on the probe.
+    ``near_miss_rate``: fraction of generated titles that matched fuzzily but not exactly. With it,
+        eps_near = near/(near+hall) and h = hall + near (so the surrogate's HallRate = h(1-eps_near)
+        reproduces ``hall_rate``); without it, eps_near = 0 and h = hall_rate (the reference's rule).
+    ``prof_hall``: the real model's ProfHall (L-PROFHALL); sets h_p (the reference's rule).
+    ``lpd``: the real model's LPD (L-POPBIAS a) on the probe.
+    ``lpd_fn``: callable beta -> surrogate LPD; or ``lpd_payloads`` (the probe's augment payloads)
+        plus ``reference_pops`` (per payload, the popularity of R_u) to build :func:`expected_lpd_fn`.
+    ``beta_bounds``: (lo, hi) for the beta search, default (-5, 5).
+    ``chosen_positions``: 1-based positions of the real model's first-ranked candidate per rank
+        probe (candidates shuffled), with ``n_candidates`` (int or one per probe) -> rho.
+    """
+    base = probe_results.get("base")
+    if base is None:
+        params = SurrogateParams().model_dump()
+    elif isinstance(base, SurrogateParams):
+        params = base.model_dump()
+    else:
+        params = SurrogateParams(**dict(base)).model_dump()
+    if probe_results.get("hall_rate") is not None:
+        hall = float(probe_results["hall_rate"])
+        near = probe_results.get("near_miss_rate")
+        if near is not None and float(near) + hall > 0:
+            near = float(near)
+            params["h"] = min(1.0, hall + near)
+            params["eps_near"] = near / (hall + near)
+        else:
+            params["h"] = min(1.0, max(0.0, hall))
+            params["eps_near"] = 0.0
+    if probe_results.get("prof_hall") is not None:
+        params["h_p"] = min(1.0, max(0.0, float(probe_results["prof_hall"])))
+    if probe_results.get("lpd") is not None:
+        fn = probe_results.get("lpd_fn")
+        if fn is None and probe_results.get("lpd_payloads") is not None:
+            fn = expected_lpd_fn(
+                probe_results["lpd_payloads"], probe_results["reference_pops"], tau_s=params["tau_s"]
+            )
+        if fn is not None:
+            lo, hi = probe_results.get("beta_bounds", (-5.0, 5.0))
+            params["beta"] = fit_beta(float(probe_results["lpd"]), fn, lo, hi)
+    if probe_results.get("chosen_positions") is not None:
+        rho = fit_rho(probe_results["chosen_positions"], probe_results.get("n_candidates", 20))
+        if np.isfinite(rho):
+            params["rho"] = float(rho)
+    return SurrogateParams(**params)
+
+
+def validate_surrogate(
+    real_percentiles: Sequence[float] | np.ndarray,
+    surrogate_percentiles: Sequence[float] | np.ndarray,
+    real_head_share: float | None = None,
+    surrogate_head_share: float | None = None,
+    alpha: float = 0.05,
+    head_tol: float = 0.02,
+) -> dict[str, float | bool]:
+    """F-SURR validation: two-sample KS on popularity percentiles (pass if p > alpha) and head share
+    within +-head_tol. Returns ``ks_stat``, ``ks_p``, ``head_share_diff`` (NaN if not given), ``passed``."""
+    from scipy import stats
+
+    ks = stats.ks_2samp(np.asarray(real_percentiles, float), np.asarray(surrogate_percentiles, float))
+    diff = float("nan")
+    ok = bool(ks.pvalue > alpha)
+    if real_head_share is not None and surrogate_head_share is not None:
+        diff = float(surrogate_head_share) - float(real_head_share)
+        ok = ok and abs(diff) <= head_tol
+    return {"ks_stat": float(ks.statistic), "ks_p": float(ks.pvalue), "head_share_diff": diff, "passed": ok}

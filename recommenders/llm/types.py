@@ -1,0 +1,94 @@
+"""Plain data types shared by every LLM backend: requests, responses and generation parameters.
+
+Nothing here imports torch, transformers or httpx, so these types are cheap to use everywhere
+(surrogate backends, caches, parsers, tests that run without a model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class LLMRequest:
+    """One prompt for an LLM.
+
+    ``task`` names the role that produced it (``generate``, ``rerank``, ``profile``, ...).
+    ``payload`` carries structured fields that a surrogate backend uses (user id, candidate ids,
+    relevance, popularity); real backends ignore it and see only ``prompt``.
+    """
+
+    prompt: str
+    task: str = "generate"
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LLMResponse:
+    """What a backend returned for one request.
+
+    A failed request never raises: it comes back with ``failed=True`` and a short ``error`` code
+    (``timeout``, ``http_503``, ``budget_exhausted``, ...) and empty ``text``.
+    ``cached`` is True when the response was replayed from a :class:`ResponseCache`.
+    """
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failed: bool = False
+    error: str = ""
+    cached: bool = False
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LLMResponse:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        known = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
+        return cls(**known)
+
+    @classmethod
+    def failure(cls, error: str, wall_s: float = 0.0) -> LLMResponse:
+        """A failed response with an error code and no text."""
+        return cls(text="", failed=True, error=error, wall_s=wall_s)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding parameters. ``temperature == 0`` means greedy decoding (``seed`` is then irrelevant
+    for the text but still part of the cache key)."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    seed: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if int(self.max_tokens) < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is deterministic argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+    def key(self) -> dict[str, Any]:
+        """A stable, JSON-serialisable dict (sorted keys, canonical number types) for hashing."""
+        return {
+            "max_tokens": int(self.max_tokens),
+            "seed": int(self.seed),
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
+        }
+
+
+__all__ = ["GenerationParams", "LLMRequest", "LLMResponse"]

@@ -1,0 +1,1 @@
+"""Shipped scenarios (YAML files); ``recloop run quickstart`` finds them by name."""

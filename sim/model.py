@@ -1,0 +1,262 @@
+"""The feedback loop as a Mesa model: the platform recommends, users choose, the world evolves,
+the policy retrains and the metrics are recorded — one cycle per :meth:`FeedbackLoop.step`.
+
+Mesa's ``Model`` owns the clock and the agent registry; the coarse actors (the platform, the creator
+population) are Mesa agents, while users and items are arrays (see :mod:`recloop.sim.state`). Every
+random draw derives from (run seed, component, cycle), so a run resumed from a checkpoint, or run with
+another chunk size, gives exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import mesa
+import numpy as np
+
+from recloop import registry
+from recloop.errors import RecloopInputError
+from recloop.recommenders.base import PROVENANCE, Feedback, PolicyContext
+from recloop.sim.engine import ScoringEngine
+from recloop.sim.log import InteractionLog
+from recloop.sim.rng import component_rng, derive_key, hash_u64, hash_uniform
+from recloop.sim.state import History
+
+
+class PlatformAgent(mesa.Agent):
+    """The platform: serves slates from the policy and retrains it on schedule."""
+
+    def __init__(self, model: FeedbackLoop, policy):
+        super().__init__(model)
+        self.policy = policy
+
+
+class CreatorsAgent(mesa.Agent):
+    """The creator population (array-backed): adapts to consumption and publishes items."""
+
+    def __init__(self, model: FeedbackLoop, creators):
+        super().__init__(model)
+        self.creators = creators
+
+
+class FeedbackLoop(mesa.Model):
+    """One simulated ecosystem under one policy and one seed."""
+
+    def __init__(self, scenario, policy_name: str, policy_cfg, seed: int, *, restore: dict | None = None,
+                 scenario_file: str | None = None):
+        super().__init__(rng=seed)
+        self.scenario = scenario
+        self.policy_name = policy_name
+        self.seed = int(seed)
+        self.t = 0
+        self.timings: dict[str, list[float]] = defaultdict(list)
+        sc = scenario
+        self.generator = registry.build("world", sc.world)
+        self.world = self.generator.build(component_rng(seed, "world"))
+        n_items = self.world.items.n
+        if sc.k > n_items:
+            raise RecloopInputError(
+                f"k={sc.k} is larger than the catalog ({n_items} items). Set 'k' to at most {n_items} or "
+                "enlarge the world's n_items.", file=scenario_file, key="k")
+        eng = sc.engine
+        self.engine = ScoringEngine(eng.backend, chunk_rows=eng.chunk_rows, chunk_mib=eng.chunk_mib)
+        ctx = PolicyContext(seed=self.seed, name=policy_name, engine=self.engine, dim=self.world.items.dim,
+                            extra={"scenario": sc})
+        self.policy = registry.build("policy", policy_cfg, context=ctx)
+        self.choice = registry.build("choice", sc.users.choice)
+        self.dynamics = [registry.build("dynamics", d) for d in sc.users.dynamics]
+        for d in self.dynamics:
+            d.init(self.world)
+        self.population = registry.build("population", sc.users.population, seed=self.seed)
+        self.creators = (registry.build("creator", sc.creators, seed=self.seed, generator=self.generator)
+                         if sc.creators is not None else None)
+        self.history = History(self.world.users.n)
+        self.log = InteractionLog(sc.retrain.data, sc.retrain.window)
+        self.popularity = np.zeros(n_items, np.float64)
+        from recloop.analysis.collectors import MetricSuite
+
+        self.metrics = MetricSuite(sc.metrics, seed=self.seed, world=self.world, k=sc.k)
+        self.platform = PlatformAgent(self, self.policy)
+        self.creator_agent = CreatorsAgent(self, self.creators)
+        if restore is not None:
+            self.load_state(restore)
+        else:
+            self._initial_log()
+            t0 = time.perf_counter()
+            self.policy.fit(self.training_data(), self.world, step=0, rng=component_rng(seed, "fit", 0),
+                            warm_start=False)
+            self.timings["retrain"].append(time.perf_counter() - t0)
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _initial_log(self) -> None:
+        w = self.world
+        real = self.generator.initial_log(w, component_rng(self.seed, "initial_log"))
+        if real is not None:
+            self._record(-1, real.users, real.items, real.provenance, initial=True)
+            return
+        cfg = self.scenario.initial_log
+        users = w.users.active_ids()
+        m = min(cfg.slate_size, w.items.n)
+        for r in range(cfg.interactions_per_user):
+            key = derive_key(self.seed, "initial_log", r)
+            # a random slate per user: m distinct items via hashed ranks (chunking-invariant)
+            slate = self.engine.topk(users, m, w.items.n,
+                                     lambda ids, key=key: hash_uniform(key, ids[:, None], np.arange(w.items.n)[None, :],
+                                                                       dtype=np.float32),
+                                     exclude=None if self.scenario.users.repeat_consumption else self.history)[0]
+            util = w.true_utility(users, slate)
+            pos = self.choice.choose(util, slate >= 0, users, derive_key(self.seed, "initial_choice", r))
+            hit = pos >= 0
+            items = slate[np.flatnonzero(hit), pos[hit]]
+            self._record(-1, users[hit], items, PROVENANCE["organic"], initial=True)
+
+    def _record(self, step, users, items, provenance, initial=False) -> None:
+        users = np.asarray(users, np.int64)
+        items = np.asarray(items, np.int64)
+        if len(users) == 0:
+            return
+        new = self._new_pairs(users, items)
+        if len(self.popularity) < self.world.items.n:
+            self.popularity = np.concatenate([self.popularity, np.zeros(self.world.items.n - len(self.popularity))])
+        np.add.at(self.popularity, items[new], 1.0)
+        self.history.add(users, items)
+        self.log.add(step, users, items, provenance, initial=initial)
+
+    def _new_pairs(self, users, items) -> np.ndarray:
+        """Which (user, item) pairs are not yet in the history (φ counts distinct users)."""
+        key = users * (self.world.items.n + 1) + items
+        _, first = np.unique(key, return_index=True)
+        new = np.zeros(len(users), bool)
+        new[first] = True
+        if self.history.nnz == 0:
+            return new
+        ulist = np.unique(users)
+        r, c = self.history.pairs(ulist)
+        seen = ulist[r] * (self.world.items.n + 1) + c
+        return new & ~np.isin(key, seen)
+
+    def training_data(self):
+        return self.log.training_data(self.world.users.n, self.world.items.n)
+
+    # -- one cycle --------------------------------------------------------------------------------
+    def step(self) -> list[tuple[str, str, float]]:
+        """One cycle (Mesa advances ``steps``); the metric rows are left in ``last_rows``."""
+        t = self.t
+        sc = self.scenario
+        w = self.world
+        tc = time.perf_counter()
+        active = self.population.active_users(w, t)
+        n = len(active)
+        chosen_pos = np.full(n, -1, np.int64)
+        chosen_item = np.full(n, -1, np.int64)
+        realised = np.zeros(n, np.float32)
+        key = derive_key(self.seed, "choice", t)
+
+        def on_chunk(sl, items, scores):
+            u = active[sl]
+            valid = items >= 0
+            true_u = np.where(valid, w.true_utility(u, items), 0.0).astype(np.float32)
+            perceived = true_u
+            for d in self.dynamics:
+                perceived = d.adjust(u, items, perceived, w)
+            pos = self.choice.choose(perceived, valid, u, key)
+            hit = pos >= 0
+            rows = np.flatnonzero(hit)
+            chosen_pos[sl] = pos
+            ci = np.full(len(u), -1, np.int64)
+            ci[rows] = items[rows, pos[hit]]
+            chosen_item[sl] = ci
+            ru = np.zeros(len(u), np.float32)
+            ru[rows] = true_u[rows, pos[hit]]
+            realised[sl] = ru
+
+        t0 = time.perf_counter()
+        exclude = None if sc.users.repeat_consumption else self.history
+        slates, scores = self.policy.recommend(active, sc.k, w, exclude=exclude, step=t, engine=self.engine,
+                                               on_chunk=on_chunk)
+        self.timings["scoring"].append(time.perf_counter() - t0)
+        pop_before = self.popularity.copy()
+
+        t0 = time.perf_counter()
+        clicked = chosen_item >= 0
+        self._record(t, active[clicked], chosen_item[clicked], PROVENANCE["recommended"])
+        if sc.users.organic_rate > 0:
+            self._organic(t, active)
+        for d in self.dynamics:
+            d.update(active, chosen_item, w, t)
+        if self.creators is not None:
+            self.creators.step(w, t, active, chosen_item)
+            if len(self.popularity) < w.items.n:
+                self.popularity = np.concatenate([self.popularity, np.zeros(w.items.n - len(self.popularity))])
+        self.population.step(w, t, clicked, active)
+        self.history.ensure_users(w.users.n)
+        feedback = Feedback(step=t, users=active, slates=slates, chosen_pos=chosen_pos, chosen_item=chosen_item,
+                            utility=realised)
+        if self.policy.online:
+            self.policy.update(feedback, w)
+        self.timings["update"].append(time.perf_counter() - t0)
+
+        rows: list[tuple[str, str, float]] = []
+        if t % sc.metrics.every == 0:
+            t0 = time.perf_counter()
+            rows = self.metrics.compute(self, feedback, pop_before)
+            self.timings["metrics"].append(time.perf_counter() - t0)
+
+        if (t + 1) % sc.retrain.every == 0:
+            t0 = time.perf_counter()
+            r = sc.retrain
+            full = (not r.warm_start) or (r.full_every > 0 and (t + 1) % r.full_every == 0)
+            self.policy.fit(self.training_data(), w, step=t + 1, rng=component_rng(self.seed, "fit", t + 1),
+                            warm_start=not full)
+            self.timings["retrain"].append(time.perf_counter() - t0)
+        self.t += 1
+        self.timings["cycle"].append(time.perf_counter() - tc)
+        self.last_rows = rows  # Mesa's wrapped step() discards return values
+        return rows
+
+    def _organic(self, t: int, active: np.ndarray) -> None:
+        """Organic consumption outside recommendations: a uniformly drawn unconsumed item."""
+        w = self.world
+        key = derive_key(self.seed, "organic", t)
+        pick = hash_uniform(key, active, 0) < self.scenario.users.organic_rate
+        users = active[pick]
+        if len(users) == 0:
+            return
+        items = (hash_u64(key, users, 1) % np.uint64(w.items.n)).astype(np.int64)
+        if not self.scenario.users.repeat_consumption:
+            keep = self._new_pairs(users, items)
+            users, items = users[keep], items[keep]
+        self._record(t, users, items, PROVENANCE["organic"])
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "t": self.t,
+            "world": self.world,
+            "history": self.history,
+            "log": self.log,
+            "popularity": self.popularity,
+            "policy": self.policy.state_dict(),
+            "dynamics": [d.state_dict() for d in self.dynamics],
+            "population": self.population.state_dict(),
+            "creators": self.creators.state_dict() if self.creators else None,
+            "metrics": self.metrics.state_dict(),
+            "timings": dict(self.timings),
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.t = state["t"]
+        self.world = state["world"]
+        self.history = state["history"]
+        self.log = state["log"]
+        self.popularity = state["popularity"]
+        self.policy.load_state_dict(state["policy"])
+        for d, s in zip(self.dynamics, state["dynamics"]):
+            d.load_state_dict(s)
+        self.population.load_state_dict(state["population"])
+        if self.creators is not None:
+            self.creators.load_state_dict(state["creators"])
+        self.metrics.load_state_dict(state["metrics"], self.world)
+        self.timings = defaultdict(list, state.get("timings", {}))
+        self.steps = self.t

@@ -1,0 +1,244 @@
+"""World state as struct-of-arrays: users, items and creators are columns, not Python objects.
+
+Arrays are preallocated with spare capacity and grow by doubling, so new users and items are appended
+without per-cycle copies. All shapes are (capacity, ...) with a live count ``n``; use the ``view``
+helpers (``users.prefs_view``) to see only live rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def _grow(arr: np.ndarray, need: int) -> np.ndarray:
+    if arr.shape[0] >= need:
+        return arr
+    cap = max(need, 2 * arr.shape[0], 16)
+    out = np.zeros((cap, *arr.shape[1:]), dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+@dataclass
+class Users:
+    """User population. ``prefs`` are the true preference vectors x_u (known only to the simulator)."""
+
+    prefs: np.ndarray  # (cap, d) float32, true x_u^t
+    prefs0: np.ndarray  # (cap, d) float32, x_u^0
+    active: np.ndarray  # (cap,) bool
+    joined_at: np.ndarray  # (cap,) int32
+    n: int
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)  # demographics etc., (cap,) each
+
+    @classmethod
+    def create(cls, prefs: np.ndarray, attributes: dict[str, np.ndarray] | None = None) -> Users:
+        prefs = np.ascontiguousarray(prefs, dtype=np.float32)
+        n = prefs.shape[0]
+        return cls(
+            prefs=prefs.copy(),
+            prefs0=prefs.copy(),
+            active=np.ones(n, dtype=bool),
+            joined_at=np.zeros(n, dtype=np.int32),
+            n=n,
+            attributes={k: np.asarray(v) for k, v in (attributes or {}).items()},
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.prefs.shape[1]
+
+    def active_ids(self) -> np.ndarray:
+        return np.flatnonzero(self.active[: self.n]).astype(np.int64)
+
+    def append(self, prefs: np.ndarray, step: int, attributes: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Add users; returns their ids."""
+        m = prefs.shape[0]
+        lo, hi = self.n, self.n + m
+        self.prefs = _grow(self.prefs, hi)
+        self.prefs0 = _grow(self.prefs0, hi)
+        self.active = _grow(self.active, hi)
+        self.joined_at = _grow(self.joined_at, hi)
+        self.prefs[lo:hi] = prefs
+        self.prefs0[lo:hi] = prefs
+        self.active[lo:hi] = True
+        self.joined_at[lo:hi] = step
+        for key, col in self.attributes.items():
+            self.attributes[key] = _grow(col, hi)
+            if attributes and key in attributes:
+                self.attributes[key][lo:hi] = attributes[key]
+        self.n = hi
+        return np.arange(lo, hi, dtype=np.int64)
+
+
+@dataclass
+class Items:
+    """Item catalog: latent attributes a_i, genre distribution p(g|i), creator, group, arrival, title."""
+
+    attrs: np.ndarray  # (cap, d) float32
+    genres: np.ndarray  # (cap, G) float32, rows sum to 1
+    creator: np.ndarray  # (cap,) int32 (-1 when no creator model)
+    group: np.ndarray  # (cap,) int8 (1 = protected group for exposure fairness)
+    created_at: np.ndarray  # (cap,) int32
+    titles: list[str]
+    n: int
+    genre_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def create(
+        cls,
+        attrs: np.ndarray,
+        genres: np.ndarray,
+        titles: list[str],
+        creator: np.ndarray | None = None,
+        group: np.ndarray | None = None,
+        genre_names: list[str] | None = None,
+    ) -> Items:
+        n = attrs.shape[0]
+        return cls(
+            attrs=np.ascontiguousarray(attrs, dtype=np.float32),
+            genres=np.ascontiguousarray(genres, dtype=np.float32),
+            creator=np.full(n, -1, np.int32) if creator is None else np.asarray(creator, np.int32),
+            group=np.zeros(n, np.int8) if group is None else np.asarray(group, np.int8),
+            created_at=np.zeros(n, np.int32),
+            titles=list(titles),
+            n=n,
+            genre_names=list(genre_names or [f"genre_{g}" for g in range(genres.shape[1])]),
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.attrs.shape[1]
+
+    def append(self, attrs, genres, titles, creator, group, step: int) -> np.ndarray:
+        m = attrs.shape[0]
+        lo, hi = self.n, self.n + m
+        for name in ("attrs", "genres", "creator", "group", "created_at"):
+            setattr(self, name, _grow(getattr(self, name), hi))
+        self.attrs[lo:hi] = attrs
+        self.genres[lo:hi] = genres
+        self.creator[lo:hi] = creator
+        self.group[lo:hi] = group
+        self.created_at[lo:hi] = step
+        self.titles.extend(titles)
+        self.n = hi
+        return np.arange(lo, hi, dtype=np.int64)
+
+
+@dataclass
+class Creators:
+    """Creator profiles c_j on the simplex (CR-TRECS) and their item-group membership."""
+
+    profiles: np.ndarray  # (n_creators, d) float32
+    group: np.ndarray  # (n_creators,) int8
+
+    @property
+    def n(self) -> int:
+        return self.profiles.shape[0]
+
+
+@dataclass
+class World:
+    users: Users
+    items: Items
+    creators: Creators | None = None
+    meta: dict = field(default_factory=dict)  # generator facts (e.g. data set name), JSON-able
+
+    def true_utility(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """V_ui = <x_u, a_i> for aligned arrays ``users`` (n,) and ``items`` (n, k) → (n, k)."""
+        x = self.users.prefs[users]
+        a = self.items.attrs[np.maximum(items, 0)]
+        return np.einsum("nkd,nd->nk", a, x, optimize=False)
+
+
+class History:
+    """Per-user consumed-item sets as a log-structured CSR: segments append, and merge when many.
+
+    Appending a cycle adds one small CSR segment (O(interactions)); lookups for a chunk of users gather
+    from every segment; after ``max_segments`` segments they merge into the base (amortised O(nnz)).
+    No dense users x items structure is ever built.
+    """
+
+    def __init__(self, n_users: int, max_segments: int = 8):
+        self.n_users = n_users
+        self.max_segments = max_segments
+        self.segments: list[tuple[np.ndarray, np.ndarray]] = []
+        self.nnz = 0
+
+    def _segment(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.lexsort((items, users))
+        users, items = users[order], items[order]
+        counts = np.bincount(users, minlength=self.n_users)
+        indptr = np.zeros(self.n_users + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return indptr, items.astype(np.int32)
+
+    def ensure_users(self, n_users: int) -> None:
+        if n_users <= self.n_users:
+            return
+        pad = n_users - self.n_users
+        self.segments = [(np.concatenate([ip, np.full(pad, ip[-1], ip.dtype)]), ix) for ip, ix in self.segments]
+        self.n_users = n_users
+
+    def add(self, users: np.ndarray, items: np.ndarray) -> None:
+        if len(users) == 0:
+            return
+        users = np.asarray(users, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        self.ensure_users(int(users.max()) + 1)
+        self.segments.append(self._segment(users, items))
+        self.nnz += len(users)
+        if len(self.segments) > self.max_segments:
+            self.compact()
+
+    def compact(self) -> None:
+        if len(self.segments) <= 1:
+            return
+        u, i = self.to_coo()
+        # deduplicate (user, item) pairs: histories are sets
+        key = np.unique(u.astype(np.int64) * (int(i.max()) + 1 if len(i) else 1) + i)
+        width = int(i.max()) + 1 if len(i) else 1
+        u, i = key // width, key % width
+        self.segments = [self._segment(u, i)]
+        self.nnz = len(u)
+
+    def to_coo(self) -> tuple[np.ndarray, np.ndarray]:
+        us, its = [], []
+        for indptr, idx in self.segments:
+            us.append(np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(indptr)))
+            its.append(idx.astype(np.int64))
+        if not us:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(us), np.concatenate(its)
+
+    def pairs(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, item) pairs for the given users; row indexes into ``users``. May contain repeats."""
+        rows, cols = [], []
+        users = np.asarray(users, dtype=np.int64)
+        inside = users < self.n_users
+        for indptr, idx in self.segments:
+            starts = np.where(inside, indptr[np.minimum(users, self.n_users - 1)], 0)
+            ends = np.where(inside, indptr[np.minimum(users, self.n_users - 1) + 1], 0)
+            lens = ends - starts
+            total = int(lens.sum())
+            if total == 0:
+                continue
+            r = np.repeat(np.arange(len(users), dtype=np.int64), lens)
+            offs = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+            rows.append(r)
+            cols.append(idx[np.repeat(starts, lens) + offs].astype(np.int64))
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(rows), np.concatenate(cols)
+
+    def csr(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A deduplicated CSR (indptr, indices) over the given users (in that order)."""
+        r, c = self.pairs(users)
+        if len(r):
+            key = np.unique(r * (int(c.max()) + 1) + c)
+            width = int(c.max()) + 1
+            r, c = key // width, key % width
+        indptr = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(r, minlength=len(users)), out=indptr[1:])
+        return indptr, c
