@@ -58,7 +58,7 @@ def hallucination_stats(
     -------
     dict with
         ``hall_rate`` = #unmatched / #generated;
-        ``duplicate_rate`` = #matched titles repeating an item already earlier in the same output / #generated;
+        ``duplicate_rate`` = #matched titles repeating an item earlier in the same output, / #generated;
         ``out_of_candidate_rate`` = #matched items not among that output's candidates / #matched
         (NaN without candidates);
         ``mean_match_score`` = mean difflib score over all generated titles;
@@ -107,16 +107,40 @@ def hallucination_stats(
 # --------------------------------------------------------------------------------------------
 
 _GENDER_SYN = {
-    "female": "female", "woman": "female", "women": "female", "girl": "female", "lady": "female",
-    "mother": "female", "wife": "female", "f": "female",
-    "male": "male", "man": "male", "men": "male", "boy": "male", "guy": "male", "gentleman": "male",
-    "father": "male", "husband": "male", "m": "male",
+    "female": "female",
+    "woman": "female",
+    "women": "female",
+    "girl": "female",
+    "lady": "female",
+    "mother": "female",
+    "wife": "female",
+    "f": "female",
+    "male": "male",
+    "man": "male",
+    "men": "male",
+    "boy": "male",
+    "guy": "male",
+    "gentleman": "male",
+    "father": "male",
+    "husband": "male",
+    "m": "male",
 }
 _AGE_BANDS = {
-    "teen": (13, 19), "teens": (13, 19), "teenager": (13, 19), "teenage": (13, 19), "adolescent": (12, 19),
-    "young": (0, 30), "youth": (0, 25), "student": (15, 30), "millennial": (25, 45),
-    "middle-aged": (40, 65), "elderly": (65, 200), "senior": (60, 200), "retired": (55, 200),
-    "retiree": (55, 200), "boomer": (55, 200),
+    "teen": (13, 19),
+    "teens": (13, 19),
+    "teenager": (13, 19),
+    "teenage": (13, 19),
+    "adolescent": (12, 19),
+    "young": (0, 30),
+    "youth": (0, 25),
+    "student": (15, 30),
+    "millennial": (25, 45),
+    "middle-aged": (40, 65),
+    "elderly": (65, 200),
+    "senior": (60, 200),
+    "retired": (55, 200),
+    "retiree": (55, 200),
+    "boomer": (55, 200),
 }
 
 
@@ -256,7 +280,9 @@ def lpd(output_pops: Any, reference_pops: Any, plus_one: bool = True) -> float:
     if len(outs) != len(refs):
         raise ValueError(f"lpd: {len(outs)} output lists but {len(refs)} reference lists")
     f = np.log10 if not plus_one else (lambda a: np.log10(1.0 + a))
-    vals = [float(np.mean(f(o)) - np.mean(f(r))) for o, r in zip(outs, refs) if o.size and r.size]
+    vals = [
+        float(np.mean(f(o)) - np.mean(f(r))) for o, r in zip(outs, refs, strict=True) if o.size and r.size
+    ]
     return float(np.mean(vals)) if vals else _NAN
 
 
@@ -265,7 +291,9 @@ def _catalog_percentiles(popularity: np.ndarray) -> np.ndarray:
     return (stats.rankdata(popularity, method="average") - 0.5) / n
 
 
-def popularity_percentiles(items: Iterable[int] | np.ndarray, popularity: Sequence[float] | np.ndarray) -> np.ndarray:
+def popularity_percentiles(
+    items: Iterable[int] | np.ndarray, popularity: Sequence[float] | np.ndarray
+) -> np.ndarray:
     """Catalog popularity percentile r(i) in (0, 1) of each item (mid-ranks for ties; -1 ids dropped).
 
     r = (average rank of phi(i) among all catalog items - 0.5) / n_I, so r is uniform over the
@@ -282,7 +310,9 @@ def _flat_items(x: Any) -> np.ndarray:
         arr = x.ravel()
     else:
         x = list(x)
-        arr = np.concatenate([np.ravel(np.asarray(v)) for v in x]) if x and np.ndim(x[0]) > 0 else np.asarray(x)
+        arr = (
+            np.concatenate([np.ravel(np.asarray(v)) for v in x]) if x and np.ndim(x[0]) > 0 else np.asarray(x)
+        )
     arr = arr.astype(np.int64) if arr.size else np.zeros(0, dtype=np.int64)
     return arr[arr >= 0]
 
@@ -307,16 +337,24 @@ def distributional_popbias(
     r_cat = _catalog_percentiles(pop)
     items = _flat_items(output_items)
     out: dict[str, float] = {
-        "ks_catalog": _NAN, "ks_catalog_p": _NAN, "w1_catalog": _NAN, "head_share": _NAN,
-        "ks_baseline": _NAN, "ks_baseline_p": _NAN, "w1_baseline": _NAN, "n": float(items.size),
+        "ks_catalog": _NAN,
+        "ks_catalog_p": _NAN,
+        "w1_catalog": _NAN,
+        "head_share": _NAN,
+        "ks_baseline": _NAN,
+        "ks_baseline_p": _NAN,
+        "w1_baseline": _NAN,
+        "n": float(items.size),
     }
     if items.size == 0:
         return out
     r = r_cat[items]
     ks = stats.ks_2samp(r, r_cat)
     out.update(
-        ks_catalog=float(ks.statistic), ks_catalog_p=float(ks.pvalue),
-        w1_catalog=float(stats.wasserstein_distance(r, r_cat)), head_share=float(head[items].mean()),
+        ks_catalog=float(ks.statistic),
+        ks_catalog_p=float(ks.pvalue),
+        w1_catalog=float(stats.wasserstein_distance(r, r_cat)),
+        head_share=float(head[items].mean()),
     )
     if baseline_items is not None:
         b = _flat_items(baseline_items)
@@ -324,7 +362,8 @@ def distributional_popbias(
             rb = r_cat[b]
             ksb = stats.ks_2samp(r, rb)
             out.update(
-                ks_baseline=float(ksb.statistic), ks_baseline_p=float(ksb.pvalue),
+                ks_baseline=float(ksb.statistic),
+                ks_baseline_p=float(ksb.pvalue),
                 w1_baseline=float(stats.wasserstein_distance(r, rb)),
             )
     return out
@@ -343,7 +382,7 @@ def rank_popularity_correlation(candidate_pops: Any, assigned_ranks: Any) -> dic
     if len(pops) != len(ranks):
         raise ValueError("rank_popularity_correlation: pops and ranks have different list counts")
     sp, kt = [], []
-    for p, r in zip(pops, ranks):
+    for p, r in zip(pops, ranks, strict=True):
         r = r.copy()
         bad = ~np.isfinite(r) | (r < 0)
         if bad.any():
@@ -488,7 +527,9 @@ def marked_words(
     b_cnt = np.array([yb[w] for w in vocab], dtype=float)
     a0 = alpha.sum()
     na, nb = a_cnt.sum(), b_cnt.sum()
-    delta = np.log((a_cnt + alpha) / (na + a0 - a_cnt - alpha)) - np.log((b_cnt + alpha) / (nb + a0 - b_cnt - alpha))
+    delta = np.log((a_cnt + alpha) / (na + a0 - a_cnt - alpha)) - np.log(
+        (b_cnt + alpha) / (nb + a0 - b_cnt - alpha)
+    )
     z = delta / np.sqrt(1.0 / (a_cnt + alpha) + 1.0 / (b_cnt + alpha))
     keep = np.abs(z) > z_threshold
     res = [(vocab[k], float(z[k])) for k in np.flatnonzero(keep)]

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from recloop.errors import RecloopInputError
@@ -149,13 +148,15 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, standalone_mode=False, prog_name="recloop")
     except RecloopInputError as exc:
         _fail(str(exc))
-    except click.exceptions.Abort:
+    except typer.Abort:
         _fail("aborted.", 130)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
+    except typer.Exit as exc:
+        raise SystemExit(getattr(exc, "exit_code", 0)) from None
+    except Exception as exc:  # usage errors from typer's (vendored) click: show them, exit 2
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        raise
     except KeyboardInterrupt:
         _fail("interrupted; `recloop resume DIR` continues the run from its last checkpoint.", 130)
     except BrokenPipeError:

@@ -66,7 +66,6 @@ BUILTIN_MODULES = (
     "recloop.recommenders.pipeline",
     "recloop.recommenders.rerankers",
     "recloop.analysis.collectors",
-    "recloop.recommenders.llm",
 )
 
 

@@ -102,7 +102,9 @@ class ItemKNN(Policy):
         self.H: sp.csr_matrix | None = None  # users x items binary training matrix
         self.S: sp.csr_matrix | None = None  # items x items, S[j, i] = sim(i, j) for j in N_K(i)
 
-    def fit(self, data: TrainingData, world, *, step: int, rng: np.random.Generator, warm_start: bool) -> None:
+    def fit(
+        self, data: TrainingData, world, *, step: int, rng: np.random.Generator, warm_start: bool
+    ) -> None:
         H = data.matrix(binary=True).astype(np.float32)
         H.sort_indices()
         M = topk_item_similarity(H, self.params.neighbors, self.params.shrink)
@@ -139,7 +141,8 @@ class ItemKNN(Policy):
         for name in ("H", "S"):
             m = getattr(self, name)
             state[name] = None if m is None else {
-                "data": m.data.copy(), "indices": m.indices.copy(), "indptr": m.indptr.copy(), "shape": m.shape,
+                "data": m.data.copy(), "indices": m.indices.copy(), "indptr": m.indptr.copy(),
+                "shape": tuple(m.shape),
             }
         return state
 

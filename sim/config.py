@@ -267,35 +267,53 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return deep_merge(load_raw(target, (*_seen, path)), data)
 
 
-def _loc_str(loc) -> str:
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith(("choice_", "policy_"))))
+def _walk(model, loc) -> tuple[list, list[str]]:
+    """Follow a pydantic error location through the scenario model.
 
+    Returns the user-facing key path (discriminated-union tags such as ``als`` dropped) and the field
+    names valid at the last step (for 'did you mean' hints).
+    """
+    import typing
 
-def _allowed_keys(model, loc) -> list[str]:
-    """Field names valid at ``loc`` (for 'did you mean' hints)."""
     from pydantic import BaseModel
 
+    def models_of(tp):
+        return [m for m in _union_members(tp) if isinstance(m, type) and issubclass(m, BaseModel)]
+
     cur = model
-    for part in loc[:-1]:
-        if isinstance(cur, type) and issubclass(cur, BaseModel):
-            if part in cur.model_fields:
-                cur = cur.model_fields[part].annotation
+    clean: list = []
+    for i, part in enumerate(loc):
+        members = models_of(cur)
+        if isinstance(part, str) and len(members) > 1:
+            tagged = [m for m in members if "type" in m.model_fields
+                      and typing.get_args(m.model_fields["type"].annotation) == (part,)]
+            if tagged:
+                cur = tagged[0]
                 continue
-            # discriminated-union member names appear as loc parts: find the member by tag
-            members = _union_members(cur) if not isinstance(cur, type) else []
-            cur = next((m for m in members if m.__name__ == part), cur)
+        clean.append(part)
+        if i == len(loc) - 1:
+            break
+        origin = typing.get_origin(cur)
+        if len(members) == 1 and isinstance(part, str) and part in members[0].model_fields \
+                and origin not in (list, dict):
+            cur = members[0].model_fields[part].annotation
         else:
-            members = _union_members(cur)
-            hit = [m for m in members if getattr(m, "__name__", "") == part or part == "type"]
-            if hit:
-                cur = hit[0]
-            elif isinstance(part, (int, str)):
-                args = getattr(cur, "__args__", ())
-                cur = args[-1] if args else cur
-    for m in [cur, *_union_members(cur)]:
-        if isinstance(m, type) and issubclass(m, BaseModel):
-            return list(m.model_fields)
-    return []
+            inner = cur
+            while typing.get_origin(inner) in (Union, Annotated) or typing.get_origin(inner) is getattr(
+                    __import__("types"), "UnionType", None):
+                args = [a for a in typing.get_args(inner) if a is not type(None)]
+                inner = args[0]
+            if typing.get_origin(inner) in (list, dict):
+                cur = typing.get_args(inner)[-1]
+            else:
+                ms = models_of(inner)
+                cur = ms[0].model_fields[part].annotation if ms and part in ms[0].model_fields else inner
+    allowed = []
+    ms = models_of(cur)
+    if len(clean) and ms:
+        # the last part is the offending key; its parent model lists the valid keys
+        allowed = [f.alias or n for n, f in ms[0].model_fields.items()]
+    return clean, allowed
 
 
 def _union_members(tp) -> list:
@@ -322,14 +340,12 @@ def format_validation_error(exc: ValidationError, file: str | None, model) -> Re
     msgs = []
     first_key = None
     for err in exc.errors()[:4]:
-        loc = [p for p in err["loc"]]
-        # drop union member tags (e.g. 'policy_als') from the path
-        clean = [p for p in loc if not (isinstance(p, str) and "_" in p and p.split("_", 1)[0] in registry.KINDS)]
+        loc = list(err["loc"])
+        clean, allowed = _walk(model, loc)
         key = ".".join(str(p) for p in clean) or "(top level)"
         first_key = first_key or key
         etype = err["type"]
         if etype == "extra_forbidden":
-            allowed = _allowed_keys(model, loc)
             hint = did_you_mean(str(loc[-1]), allowed)
             msgs.append(f"key '{key}' is not allowed here.{hint} Allowed keys: {', '.join(allowed)}.")
         elif etype in ("union_tag_invalid", "literal_error") and (loc and loc[-1] == "type" or "tag" in etype):

@@ -1,72 +1,415 @@
 """Chunked scoring with a fused top-k: memory is bounded by the chunk, never by users x items.
 
 For a chunk of users the engine computes the score block (a BLAS product of factors, or a policy's
-own scoring function), masks each user's excluded items by scattering -inf at their (row, item)
-pairs (no dense mask), and keeps the k best items per row. Ties break by lower item id, so every
-backend returns the same slates. Items that cannot be recommended (all excluded) come back as -1.
+own scoring function) and keeps the k best items per row, skipping each user's excluded items
+(history, when repeats are off) given as a per-row exclusion list (CSR): no dense users x items mask
+is ever built. Ties break by lower item id, so every backend returns the same slates. Items that
+cannot be recommended (excluded, or scored ``-inf``) come back as ``-1`` with score ``-inf``.
+
+Backends (``engine.backend``):
+
+* ``numpy``: BLAS product, then ``argpartition`` with an exact tie fix (the reference);
+* ``numba``: BLAS product, then a fused one-pass top-k kernel (:mod:`recloop.sim.kernels`): per row a
+  small insertion buffer, a vectorised block test against the current k-th value, and a merge-walk
+  over the sorted exclusion list instead of scattering ``-inf``;
+* ``torch``: ``matmul`` + ``topk`` on CPU tensors, or on CUDA when a GPU is present;
+* ``cupy``: product and top-k on the GPU (imported lazily; never required);
+* ``auto``: cupy / torch-CUDA when a GPU is present, else numba, else numpy.
+
+The chunk size is ``chunk_rows`` when given, else ``chunk_mib`` of float32 scores (L3-friendly: the
+block is written by the product and read back by the top-k while still in cache), capped so one chunk
+never takes more than an eighth of the memory that is free (psutil).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 NEG_INF = np.float32(-np.inf)
+#: callbacks (``on_chunk``) get at least this many users at a time, whatever the score-chunk size
+CALLBACK_ROWS = 4096
 
 
+# ---------------------------------------------------------------------------------------------
+# reference top-k (NumPy)
+# ---------------------------------------------------------------------------------------------
 def topk_rows_numpy(S: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k per row with ties broken by lower column index. Returns (idx, vals), ranked."""
+    return _topk_xp(np, S, k)
+
+
+def _topk_xp(xp, S, k: int):
+    """Top-k for an array module ``xp`` (NumPy or CuPy): argpartition, then an exact tie fix.
+
+    Returns host (NumPy) arrays ``(idx int64, vals float32)``, ranked by (-score, item id).
+    """
     n, m = S.shape
     k = min(k, m)
     if n == 0 or k == 0:
-        return np.zeros((n, k), np.int64), np.zeros((n, k), S.dtype)
+        return np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
     if k == m:
-        order = np.lexsort((np.broadcast_to(np.arange(m), S.shape), -S), axis=-1)
-        return order.astype(np.int64), np.take_along_axis(S, order, axis=1)
-    part = np.argpartition(S, m - k, axis=1)[:, m - k :]
-    vals = np.take_along_axis(S, part, axis=1)
+        Sh = _to_host(xp, S)
+        order = np.lexsort((np.broadcast_to(np.arange(m), Sh.shape), -Sh), axis=-1)
+        return order.astype(np.int64), np.take_along_axis(Sh, order, axis=1).astype(np.float32)
+    part = xp.argpartition(S, m - k, axis=1)[:, m - k:]
+    vals = xp.take_along_axis(S, part, axis=1)
     thr = vals.min(axis=1)
     # rows whose k-th value is tied with an item outside the chosen set need the lowest ids
-    n_ge = np.count_nonzero(S >= thr[:, None], axis=1)
-    bad = np.flatnonzero(n_ge > k)
+    n_ge = xp.count_nonzero(S >= thr[:, None], axis=1)
+    part = _to_host(xp, part).astype(np.int64)
+    vals = _to_host(xp, vals).astype(np.float32)
+    thr_h = _to_host(xp, thr)
+    bad = np.flatnonzero((_to_host(xp, n_ge) > k) & (thr_h > -np.inf))
     for r in bad:  # only rows with boundary ties (rare for continuous scores)
-        row = S[r]
-        cand = np.flatnonzero(row >= thr[r])
+        row = _to_host(xp, S[int(r)])
+        cand = np.flatnonzero(row >= thr_h[r])
         best = cand[np.lexsort((cand, -row[cand]))][:k]
         part[r] = best
         vals[r] = row[best]
     order = np.lexsort((part, -vals), axis=-1)
-    return np.take_along_axis(part, order, axis=1).astype(np.int64), np.take_along_axis(vals, order, axis=1)
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
 
 
+def _to_host(xp, a):
+    if xp is np:
+        return np.asarray(a)
+    return xp.asnumpy(a)
+
+
+def _finish(idx: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-inf scores mean "not recommendable": their slot is -1."""
+    return np.where(np.isneginf(vals), -1, idx).astype(np.int64, copy=False), vals.astype(np.float32, copy=False)
+
+
+def _excl_rows(ex_ptr: np.ndarray, ex_idx: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.repeat(np.arange(len(ex_ptr) - 1, dtype=np.int64), np.diff(ex_ptr))
+    keep = (ex_idx < m) & (ex_idx >= 0)
+    return rows[keep], ex_idx[keep]
+
+
+EMPTY_I64 = np.zeros(0, np.int64)
+
+
+def exclusion_csr(exclude, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-row excluded items for ``ids`` as CSR ``(ptr, items)`` (unsorted, duplicates allowed).
+
+    ``exclude`` has ``rows_csr(ids)`` (fast path, e.g. :class:`History`) or ``pairs(ids) -> (rows,
+    items)``; None means nothing is excluded.
+    """
+    if exclude is None:
+        return None
+    n = len(ids)
+    f = getattr(exclude, "rows_csr", None)
+    if f is not None:
+        ptr, items = f(ids)
+        return np.asarray(ptr, np.int64), np.asarray(items, np.int64)
+    r, c = exclude.pairs(ids)
+    r = np.asarray(r, np.int64)
+    c = np.asarray(c, np.int64)
+    if len(r) == 0:
+        return np.zeros(n + 1, np.int64), EMPTY_I64
+    if len(r) > 1 and not bool(np.all(r[1:] >= r[:-1])):
+        order = np.argsort(r, kind="stable")
+        r, c = r[order], c[order]
+    ptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(r, minlength=n), out=ptr[1:])
+    return ptr, c
+
+
+# ---------------------------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------------------------
 @dataclass
 class Backend:
-    """A compute backend: how to multiply and take top-k on one chunk."""
+    """A compute backend (NumPy reference): the product and the top-k of one chunk.
+
+    ``prepare`` turns the item side (factors, bias) into the backend's form once per call;
+    ``score_topk`` scores a chunk of user factors against it and returns host arrays.
+    """
 
     name: str = "numpy"
+    device: str = "cpu"
+    gpu: bool = False
 
+    # -- generic (host) score blocks ---------------------------------------------------------
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return np.matmul(a, b, out=out)
 
-    def topk(self, S: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return topk_rows_numpy(S, k)
+    def topk(self, S: np.ndarray, k: int, excl=None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of a host score block ``S`` (rows, m) with an optional exclusion CSR; may write S."""
+        if excl is not None and len(excl[1]):
+            if not S.flags.writeable:
+                S = S.copy()
+            r, c = _excl_rows(excl[0], excl[1], S.shape[1])
+            S[r, c] = NEG_INF
+        return _finish(*topk_rows_numpy(S, k))
+
+    # -- factor fast path ----------------------------------------------------------------------
+    def prepare(self, V: np.ndarray, bias: np.ndarray | None):
+        VT = np.ascontiguousarray(np.asarray(V, np.float32).T)
+        b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        return VT, b
+
+    def score_topk(self, prep, U: np.ndarray, k: int, excl, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        VT, b = prep
+        S = buf[: U.shape[0]]
+        self.matmul(U, VT, out=S)
+        if b is not None:
+            S += b
+        return self.topk(S, k, excl)
+
+    def free_bytes(self) -> int | None:
+        return None
+
+
+class NumbaBackend(Backend):
+    """BLAS product, then the fused top-k kernel (rows in parallel, exclusion by merge-walk)."""
+
+    def __init__(self):
+        super().__init__("numba")
+        from recloop.sim import kernels
+
+        if not kernels.HAVE_NUMBA:
+            raise ImportError("numba is not importable")
+        self.k = kernels
+
+    def topk(self, S, k, excl=None):
+        n = S.shape[0]
+        k = min(k, S.shape[1])
+        if excl is None:
+            excl = (np.zeros(n + 1, np.int64), EMPTY_I64)
+        S = np.ascontiguousarray(S, dtype=np.float32)
+        out_i = np.empty((n, k), np.int64)
+        out_v = np.empty((n, k), np.float32)
+        if n and k:
+            self.k.topk_rows(S, k, excl[0], excl[1], out_i, out_v)
+        return out_i, out_v
+
+
+class TorchBackend(Backend):
+    """torch ``matmul`` + ``topk`` (CPU tensors, or CUDA), with the exact tie fix."""
+
+    def __init__(self, device: str | None = None):
+        import torch
+
+        self.torch = torch
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        super().__init__("torch", device=device, gpu=device.startswith("cuda"))
+
+    def _topk_tensor(self, S, k: int):
+        torch = self.torch
+        n, m = S.shape
+        k = min(k, m)
+        if n == 0 or k == 0:
+            return np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
+        vals, idx = torch.topk(S, k, dim=1, largest=True, sorted=True)
+        thr = vals[:, -1]
+        n_ge = (S >= thr[:, None]).sum(dim=1)
+        bad = ((n_ge > k) & torch.isfinite(thr)).nonzero().flatten()
+        idx = idx.cpu().numpy().astype(np.int64)
+        vals = vals.cpu().numpy().astype(np.float32)
+        if len(bad):
+            thr_h = thr.cpu().numpy()
+            for r in bad.cpu().numpy():
+                row = S[int(r)].cpu().numpy()
+                cand = np.flatnonzero(row >= thr_h[r])
+                best = cand[np.lexsort((cand, -row[cand]))][:k]
+                idx[r] = best
+                vals[r] = row[best]
+        order = np.lexsort((idx, -vals), axis=-1)
+        return _finish(np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1))
+
+    def _mask(self, S, excl):
+        if excl is not None and len(excl[1]):
+            r, c = _excl_rows(excl[0], excl[1], S.shape[1])
+            torch = self.torch
+            S[torch.from_numpy(r).to(S.device), torch.from_numpy(c).to(S.device)] = float("-inf")
+
+    def topk(self, S, k, excl=None):
+        torch = self.torch
+        if not S.flags.writeable:
+            S = S.copy()
+        St = torch.from_numpy(np.ascontiguousarray(S, dtype=np.float32)).to(self.device)
+        self._mask(St, excl)
+        return self._topk_tensor(St, k)
+
+    def prepare(self, V, bias):
+        torch = self.torch
+        VT = torch.from_numpy(np.ascontiguousarray(np.asarray(V, np.float32).T)).to(self.device)
+        b = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)).to(self.device)
+        return VT, b
+
+    def score_topk(self, prep, U, k, excl, buf):
+        torch = self.torch
+        VT, b = prep
+        Ut = torch.from_numpy(U).to(self.device)
+        if self.gpu:
+            S = Ut @ VT
+        else:
+            S = torch.from_numpy(buf[: U.shape[0]])
+            torch.matmul(Ut, VT, out=S)
+        if b is not None:
+            S += b
+        self._mask(S, excl)
+        return self._topk_tensor(S, k)
+
+    def free_bytes(self):
+        if self.gpu:
+            return int(self.torch.cuda.mem_get_info()[0])
+        return None
+
+
+class CupyBackend(Backend):
+    """CuPy product and top-k on the GPU (argpartition + exact tie fix); results come back to host."""
+
+    def __init__(self, xp=None):
+        if xp is None:
+            import cupy as xp  # noqa: F811
+        self.xp = xp
+        super().__init__("cupy", device="cuda", gpu=xp is not np)
+
+    def topk(self, S, k, excl=None):
+        xp = self.xp
+        Sd = xp.array(np.ascontiguousarray(S, dtype=np.float32))
+        return self._topk_dev(Sd, k, excl)
+
+    def _topk_dev(self, Sd, k, excl):
+        xp = self.xp
+        if excl is not None and len(excl[1]):
+            r, c = _excl_rows(excl[0], excl[1], Sd.shape[1])
+            Sd[xp.asarray(r), xp.asarray(c)] = -np.inf
+        return _finish(*_topk_xp(xp, Sd, k))
+
+    def prepare(self, V, bias):
+        xp = self.xp
+        VT = xp.asarray(np.ascontiguousarray(np.asarray(V, np.float32).T))
+        b = None if bias is None else xp.asarray(np.asarray(bias, np.float32))
+        return VT, b
+
+    def score_topk(self, prep, U, k, excl, buf):
+        xp = self.xp
+        VT, b = prep
+        S = xp.asarray(U) @ VT
+        if b is not None:
+            S += b
+        return self._topk_dev(S, k, excl)
+
+    def free_bytes(self):
+        if self.gpu:
+            return int(self.xp.cuda.runtime.memGetInfo()[0])
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery
+# ---------------------------------------------------------------------------------------------
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def nvidia_present() -> bool:
+    """A cheap check for an NVIDIA GPU (no CUDA library import)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidiactl") or os.path.isdir("/proc/driver/nvidia/gpus")
+
+
+def _cupy_usable() -> bool:
+    if not (_has_module("cupy") and nvidia_present()):
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def _torch_cuda_usable() -> bool:
+    if not (_has_module("torch") and nvidia_present()):
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def _numba_usable() -> bool:
+    from recloop.sim import kernels
+
+    return kernels.HAVE_NUMBA
 
 
 def available_backends() -> list[str]:
-    return ["numpy"]
+    """Backends that can run here (``torch`` counts when importable, on CPU or CUDA)."""
+    out = ["numpy"]
+    if _numba_usable():
+        out.append("numba")
+    if _has_module("torch"):
+        out.append("torch")
+    if _cupy_usable():
+        out.append("cupy")
+    return out
+
+
+def resolve_backend_name(name: str = "auto") -> str:
+    if name != "auto":
+        return name
+    if _cupy_usable():
+        return "cupy"
+    if _torch_cuda_usable():
+        return "torch"
+    if _numba_usable():
+        return "numba"
+    return "numpy"
 
 
 def make_backend(name: str = "auto") -> Backend:
-    """Resolve a backend name (``auto`` picks the fastest available)."""
-    if name in ("auto", "numpy"):
-        return Backend("numpy")
+    """Resolve a backend name (``auto``: cupy/torch-CUDA with a GPU, else numba, else numpy)."""
+    name = resolve_backend_name(name)
+    try:
+        if name == "numpy":
+            return Backend("numpy")
+        if name == "numba":
+            return NumbaBackend()
+        if name == "torch":
+            return TorchBackend()
+        if name == "cupy":
+            return CupyBackend()
+    except ImportError as exc:
+        raise ValueError(f"engine backend {name!r} is not usable here ({exc}); available: "
+                         f"{available_backends()}") from None
     raise ValueError(f"unknown backend {name!r}; available: {available_backends()}")
 
 
+def _available_memory() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------------
 class ScoringEngine:
     """Chunked users x items scoring with a fused, exclusion-aware top-k."""
+
+    #: default score-block size on a GPU (bigger blocks keep the device busy)
+    GPU_CHUNK_MIB = 256.0
 
     def __init__(self, backend: str = "auto", chunk_rows: int | None = None, chunk_mib: float = 16.0):
         self.backend = make_backend(backend)
@@ -75,14 +418,50 @@ class ScoringEngine:
         self.chunk_mib = chunk_mib
 
     def rows_per_chunk(self, n_items: int) -> int:
+        """Users per score block: ``chunk_rows``, else ``chunk_mib`` of float32, memory-capped."""
         if self.chunk_rows:
             return int(self.chunk_rows)
-        return max(1, int(self.chunk_mib * 2**20 // (4 * max(n_items, 1))))
+        row_bytes = 4 * max(n_items, 1)
+        mib = self.chunk_mib
+        if self.backend.gpu and mib == 16.0:
+            mib = self.GPU_CHUNK_MIB
+        rows = max(1, int(mib * 2**20 // row_bytes))
+        free = self.backend.free_bytes() if self.backend.gpu else _available_memory()
+        if free:
+            # a chunk holds the score block plus small per-row extras; keep it under free/8
+            rows = min(rows, max(1, int(free // 8 // (row_bytes + 256))))
+        return rows
 
     def chunks(self, n: int, n_items: int) -> Iterator[slice]:
         step = self.rows_per_chunk(n_items)
         for lo in range(0, n, step):
             yield slice(lo, min(lo + step, n))
+
+    def _callback_step(self, step: int) -> int:
+        return max(step, CALLBACK_ROWS) // step * step
+
+    def _run(self, users, k, n_items, chunk_fn, exclude, on_chunk):
+        users = np.asarray(users, dtype=np.int64)
+        n = len(users)
+        kk = min(k, n_items)
+        out_i = np.full((n, k), -1, dtype=np.int64)
+        out_s = np.full((n, k), NEG_INF, dtype=np.float32)
+        step = self.rows_per_chunk(n_items)
+        cb_every = self._callback_step(step)
+        cb_lo = 0
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            ids = users[lo:hi]
+            excl = exclusion_csr(exclude, ids)
+            if kk > 0:
+                idx, vals = chunk_fn(ids, kk, excl)
+                out_i[lo:hi, :kk] = idx
+                out_s[lo:hi, :kk] = vals
+            if on_chunk is not None and (hi - cb_lo >= cb_every or hi == n):
+                sl = slice(cb_lo, hi)
+                on_chunk(sl, out_i[sl], out_s[sl])
+                cb_lo = hi
+        return out_i, out_s
 
     def topk(
         self,
@@ -95,33 +474,18 @@ class ScoringEngine:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items for ``users``; ``score_chunk(user_ids) -> (rows, n_items)`` float32 scores.
 
-        ``exclude`` is any object with ``pairs(user_ids) -> (rows, items)`` (e.g. :class:`History`).
-        ``on_chunk(sl, items, scores)`` runs right after each chunk (fused choice, streaming metrics).
+        ``exclude`` is any object with ``rows_csr(user_ids)`` or ``pairs(user_ids) -> (rows, items)``
+        (e.g. :class:`History`). ``on_chunk(sl, items, scores)`` runs after each batch of users (at
+        least :data:`CALLBACK_ROWS` at a time) with their final slates: fused choice, streaming metrics.
         """
-        users = np.asarray(users, dtype=np.int64)
-        n = len(users)
-        kk = min(k, n_items)
-        out_i = np.full((n, k), -1, dtype=np.int64)
-        out_s = np.full((n, k), NEG_INF, dtype=np.float32)
-        for sl in self.chunks(n, n_items):
-            ids = users[sl]
+
+        def chunk_fn(ids, kk, excl):
             S = score_chunk(ids)
             if S.dtype != np.float32:
                 S = S.astype(np.float32)
-            if exclude is not None:
-                r, c = exclude.pairs(ids)
-                if len(r):
-                    if not S.flags.writeable:
-                        S = S.copy()
-                    keep = c < n_items
-                    S[r[keep], c[keep]] = NEG_INF
-            idx, vals = self.backend.topk(S, kk)
-            idx = np.where(np.isneginf(vals), -1, idx)
-            out_i[sl, :kk] = idx
-            out_s[sl, :kk] = vals
-            if on_chunk is not None:
-                on_chunk(sl, out_i[sl], out_s[sl])
-        return out_i, out_s
+            return self.backend.topk(S, kk, excl)
+
+        return self._run(users, k, n_items, chunk_fn, exclude, on_chunk)
 
     def topk_factors(
         self,
@@ -135,16 +499,42 @@ class ScoringEngine:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of <U_u, V_i> (+ b_i) with a reused chunk buffer (the BLAS fast path)."""
         n_items = item_factors.shape[0]
-        VT = np.ascontiguousarray(item_factors.T, dtype=np.float32)
-        rows = self.rows_per_chunk(n_items)
-        buf = np.empty((rows, n_items), dtype=np.float32)
-        bias = None if item_bias is None else np.asarray(item_bias, dtype=np.float32)
+        prep = self.backend.prepare(item_factors, item_bias)
+        rows = min(self.rows_per_chunk(n_items), max(len(users), 1))
+        buf = None if self.backend.gpu else np.empty((rows, n_items), dtype=np.float32)
 
-        def score(ids: np.ndarray) -> np.ndarray:
-            S = buf[: len(ids)]
-            self.backend.matmul(np.ascontiguousarray(user_factors[ids], dtype=np.float32), VT, out=S)
-            if bias is not None:
-                S += bias
-            return S
+        def chunk_fn(ids, kk, excl):
+            U = np.ascontiguousarray(user_factors[ids], dtype=np.float32)
+            return self.backend.score_topk(prep, U, kk, excl, buf)
 
-        return self.topk(users, k, n_items, score, exclude=exclude, on_chunk=on_chunk)
+        return self._run(users, k, n_items, chunk_fn, exclude, on_chunk)
+
+    def random_topk(self, users: np.ndarray, m: int, n_items: int, key, exclude=None) -> np.ndarray:
+        """``m`` random distinct items per user: the top-m of hashed uniform scores
+        ``hash_uniform(key, user, item)`` (float32; ties by lower id), skipping excluded items.
+
+        Identical on every backend and chunking; with Numba the scores are never materialised.
+        """
+        from recloop.sim import kernels
+        from recloop.sim.rng import hash_uniform
+
+        users = np.asarray(users, np.int64)
+        if not kernels.HAVE_NUMBA:
+            items = np.arange(n_items)[None, :]
+            return self.topk(users, m, n_items,
+                             lambda ids: hash_uniform(key, ids[:, None], items, dtype=np.float32),
+                             exclude=exclude)[0]
+        n = len(users)
+        kk = min(m, n_items)
+        out = np.full((n, m), -1, np.int64)
+        step = max(1, min(n, 65536))
+        for lo in range(0, n, step):
+            ids = users[lo:lo + step]
+            excl = exclusion_csr(exclude, ids)
+            if excl is None:
+                excl = (np.zeros(len(ids) + 1, np.int64), EMPTY_I64)
+            oi = np.empty((len(ids), kk), np.int64)
+            ov = np.empty((len(ids), kk), np.float32)
+            kernels.hash_topk(np.uint64(key), ids, n_items, kk, excl[0], excl[1], oi, ov)
+            out[lo:lo + len(ids), :kk] = oi
+        return out

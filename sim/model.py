@@ -101,10 +101,8 @@ class FeedbackLoop(mesa.Model):
         for r in range(cfg.interactions_per_user):
             key = derive_key(self.seed, "initial_log", r)
             # a random slate per user: m distinct items via hashed ranks (chunking-invariant)
-            slate = self.engine.topk(users, m, w.items.n,
-                                     lambda ids, key=key: hash_uniform(key, ids[:, None], np.arange(w.items.n)[None, :],
-                                                                       dtype=np.float32),
-                                     exclude=None if self.scenario.users.repeat_consumption else self.history)[0]
+            slate = self.engine.random_topk(users, m, w.items.n, key,
+                                            exclude=None if self.scenario.users.repeat_consumption else self.history)
             util = w.true_utility(users, slate)
             pos = self.choice.choose(util, slate >= 0, users, derive_key(self.seed, "initial_choice", r))
             hit = pos >= 0
@@ -125,16 +123,16 @@ class FeedbackLoop(mesa.Model):
 
     def _new_pairs(self, users, items) -> np.ndarray:
         """Which (user, item) pairs are not yet in the history (φ counts distinct users)."""
-        key = users * (self.world.items.n + 1) + items
-        _, first = np.unique(key, return_index=True)
-        new = np.zeros(len(users), bool)
-        new[first] = True
+        if len(users) < 2 or bool(np.all(users[1:] > users[:-1])):
+            new = np.ones(len(users), bool)  # one pair per user (sorted users): no repeats in the batch
+        else:
+            key = users * (self.world.items.n + 1) + items
+            _, first = np.unique(key, return_index=True)
+            new = np.zeros(len(users), bool)
+            new[first] = True
         if self.history.nnz == 0:
             return new
-        ulist = np.unique(users)
-        r, c = self.history.pairs(ulist)
-        seen = ulist[r] * (self.world.items.n + 1) + c
-        return new & ~np.isin(key, seen)
+        return new & ~self.history.contains(users, items)
 
     def training_data(self):
         return self.log.training_data(self.world.users.n, self.world.items.n)

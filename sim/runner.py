@@ -7,6 +7,7 @@ differences between them are due to the policy alone.
 
 from __future__ import annotations
 
+import multiprocessing
 import platform
 import resource
 import statistics
@@ -122,6 +123,11 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
     return entry
 
 
+def _run_one_resolved(resolved: dict, policy_name: str, seed: int, root: str, resume: bool,
+                      scenario_file: str | None) -> dict[str, Any]:
+    return run_one(validate_mapping(resolved), policy_name, seed, root, resume=resume, scenario_file=scenario_file)
+
+
 def _aggregate(runs: dict[str, dict]) -> dict[str, float]:
     ts = [r["timings"] for r in runs.values() if r.get("timings")]
     if not ts:
@@ -173,8 +179,9 @@ def execute(scenario, root: Path, *, resume: bool, workers: int = 1, progress: b
                     manifest["runs"][run_key(p, s)] = entry
                     store.write_manifest(manifest)
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futs = {pool.submit(run_one, scenario, p, s, str(root), resume, None, scenario_file): (p, s)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                resolved = scenario.resolved()  # the dynamic pydantic model is rebuilt in each worker
+                futs = {pool.submit(_run_one_resolved, resolved, p, s, str(root), resume, scenario_file): (p, s)
                         for p, s in todo}
                 for fut in as_completed(futs):
                     p, s = futs[fut]

@@ -156,7 +156,8 @@ class History:
     """Per-user consumed-item sets as a log-structured CSR: segments append, and merge when many.
 
     Appending a cycle adds one small CSR segment (O(interactions)); lookups for a chunk of users gather
-    from every segment; after ``max_segments`` segments they merge into the base (amortised O(nnz)).
+    from every segment; a new segment merges into the previous one while it is at least half its size
+    (a log-structured merge: O(log) amortised work per pair, about log2(cycles) segments).
     No dense users x items structure is ever built.
     """
 
@@ -189,19 +190,35 @@ class History:
         self.ensure_users(int(users.max()) + 1)
         self.segments.append(self._segment(users, items))
         self.nnz += len(users)
-        if len(self.segments) > self.max_segments:
-            self.compact()
+        # log-structured merge: fold the newest segment into the previous one while it is at least half
+        # its size (amortised O(log) work per pair instead of re-sorting everything every few cycles)
+        segs = self.segments
+        while len(segs) > 1 and (2 * len(segs[-1][1]) >= len(segs[-2][1]) or len(segs) > 4 * self.max_segments):
+            b = segs.pop()
+            segs.append(self._merge(segs.pop(), b))
+        self.nnz = sum(len(ix) for _, ix in segs)
+
+    def _merge(self, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]):
+        """Row-wise union of two segments (rows sorted, duplicates removed)."""
+        from recloop.sim import kernels
+
+        if kernels.HAVE_NUMBA:
+            ptr, idx = kernels.merge_csr(a[0], a[1], b[0], b[1])
+            return ptr, idx.astype(np.int32, copy=False)
+        u = np.concatenate([np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(p)) for p, _ in (a, b)])
+        i = np.concatenate([a[1], b[1]]).astype(np.int64)
+        width = int(i.max()) + 1 if len(i) else 1
+        key = np.unique(u * width + i)
+        return self._segment(key // width, key % width)
 
     def compact(self) -> None:
         if len(self.segments) <= 1:
             return
-        u, i = self.to_coo()
-        # deduplicate (user, item) pairs: histories are sets
-        key = np.unique(u.astype(np.int64) * (int(i.max()) + 1 if len(i) else 1) + i)
-        width = int(i.max()) + 1 if len(i) else 1
-        u, i = key // width, key % width
-        self.segments = [self._segment(u, i)]
-        self.nnz = len(u)
+        segs = self.segments
+        while len(segs) > 1:
+            b = segs.pop()
+            segs.append(self._merge(segs.pop(), b))
+        self.nnz = len(segs[0][1])
 
     def to_coo(self) -> tuple[np.ndarray, np.ndarray]:
         us, its = [], []
@@ -231,6 +248,49 @@ class History:
         if not rows:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(rows), np.concatenate(cols)
+
+    def rows_csr(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row items for the given users as CSR ``(indptr, items)``, rows in ``users`` order; items
+        within a row are grouped by segment (sorted per segment) and may repeat across segments."""
+        users = np.asarray(users, dtype=np.int64)
+        n = len(users)
+        inside = users < self.n_users
+        uu = np.where(inside, users, 0)
+        parts = []
+        lens_all = np.zeros(n, np.int64)
+        for indptr, idx in self.segments:
+            starts = indptr[uu]
+            lens = np.where(inside, indptr[uu + 1] - starts, 0)
+            parts.append((starts, lens, idx))
+            lens_all += lens
+        ptr = np.zeros(n + 1, np.int64)
+        np.cumsum(lens_all, out=ptr[1:])
+        out = np.empty(int(ptr[-1]), np.int64)
+        off = ptr[:-1].copy()
+        for starts, lens, idx in parts:
+            total = int(lens.sum())
+            if total == 0:
+                continue
+            within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+            out[np.repeat(off, lens) + within] = idx[np.repeat(starts, lens) + within]
+            off += lens
+        return ptr, out
+
+    def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Whether each (users[j], items[j]) pair is in the history (binary search per pair)."""
+        from recloop.sim import kernels
+
+        users = np.asarray(users, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        out = np.zeros(len(users), dtype=bool)
+        if kernels.HAVE_NUMBA:
+            for indptr, idx in self.segments:
+                kernels.csr_contains(indptr, idx, users, items.astype(idx.dtype), out)
+            return out
+        ulist, inv = np.unique(users, return_inverse=True)
+        r, c = self.pairs(ulist)
+        width = int(max(items.max(initial=0), c.max(initial=0))) + 1
+        return np.isin(inv * width + items, r * width + c)
 
     def csr(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A deduplicated CSR (indptr, indices) over the given users (in that order)."""

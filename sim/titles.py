@@ -4,9 +4,9 @@ Titles give synthetic catalogs something an LLM agent (reference F-AGENT / F-SUR
 fuzzy matcher can resolve. Words are drawn per item in one vectorised pass: each item's *flavour* (a
 word list) follows its top genre, matched by name ("Horror", "Sci-Fi", ...) when genre names are given
 and by genre index modulo the number of flavours otherwise. About 60 % of the words come from the
-flavour list and the rest from a shared pool, over twelve templates, so of 50,000 titles only about 2 % need a
-" 2"/" 3" sequel suffix to be unique, and two different titles almost never reach a difflib ratio
-of 0.9.
+flavour list and the rest from a shared pool, over twelve templates: of 50,000 titles only about
+2 % need a " 2"/" 3" sequel suffix to be unique, and two different titles almost never reach a
+difflib ratio of 0.9.
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ _FLAVOURS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ),
     (
         "documentary", ("documentary", "history", "biography", "news"),
-        "Hidden Untold True Secret Human Living Final Lost Modern Fragile Changing Forgotten Real Wild Inside "
-        "Invisible Urban Endangered Rising Silent Frozen Shifting Global Ancient Remarkable Unseen Great Deep "
-        "Shared Ordinary Public Early",
+        "Hidden Untold True Secret Human Living Final Lost Modern Fragile Changing Forgotten Real Wild "
+        "Inside Invisible Urban Endangered Rising Silent Frozen Shifting Global Ancient Remarkable Unseen "
+        "Great Deep Shared Ordinary Public Early",
         "Story Planet Ocean Journey Archive Record Revolution Frontline Economy Harvest Migration Empire "
         "Climate Witness Evidence Legacy Experiment Network Factory Census Atlas Chronicle Testimony Voices "
         "Portrait Machine Coastline Summit Ecosystem Workforce Election Inventory",
@@ -185,11 +185,14 @@ def _flavours(rng: np.random.Generator, n: int, genre_names: Sequence[str] | Non
         raise ValueError(f"genres has {genres.shape[0]} rows for {n} titles")
     top = genres.argmax(axis=1)
     names = list(genre_names) if genre_names is not None else []
-    table = np.array([flavour_of_genre(names[g] if g < len(names) else None, g) for g in range(genres.shape[1])])
+    table = np.array([flavour_of_genre(names[g] if g < len(names) else None, g)
+                      for g in range(genres.shape[1])])
     return table[top]
 
 
-def _pick(rng: np.random.Generator, flav: np.ndarray, flav_words: np.ndarray, shared: np.ndarray) -> np.ndarray:
+def _pick(
+    rng: np.random.Generator, flav: np.ndarray, flav_words: np.ndarray, shared: np.ndarray
+) -> np.ndarray:
     n = len(flav)
     own = flav_words[flav, rng.integers(flav_words.shape[1], size=n)]
     common = shared[rng.integers(len(shared), size=n)]
@@ -229,6 +232,8 @@ def make_titles(
     for t, ai, ni, mi, nm, pi in zip(tmpl.tolist(), a.tolist(), nn.tolist(), m.tolist(), name.tolist(),
                                      prep.tolist(), strict=True):
         title = _TEMPLATES[t].format(a=ai, n=ni, m=mi, name=nm, p=pi)
+        if title.startswith("A ") and title[2] in "AEIOU":
+            title = "An" + title[1:]
         if title in seen:
             k = next_suffix.get(title, 2)
             while f"{title} {k}" in seen:

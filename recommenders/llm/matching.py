@@ -117,15 +117,28 @@ class TitleMatcher:
         self.threshold = float(threshold)
         self.shortlist = max(1, int(shortlist))
         self.cache_size = int(cache_size)
-        self.normalised: list[str] = [normalise_title(t) for t in self.titles]
+        self.normalised: list[str] = []
         self._exact: dict[str, int] = {}
         self._exact_year: dict[tuple[str, int], int] = {}
-        for i, (t, n) in enumerate(zip(self.titles, self.normalised)):
+        self._cache: dict[str, Match] = {}
+        self._index(0)
+
+    def _index(self, start: int) -> None:
+        for i in range(start, len(self.titles)):
+            t = self.titles[i]
+            n = normalise_title(t)
+            self.normalised.append(n)
             self._exact.setdefault(n, i)
             _, year = split_year(unicodedata.normalize("NFKC", str(t)).strip())
             if year is not None:
                 self._exact_year.setdefault((n, year), i)
-        self._cache: dict[str, Match] = {}
+
+    def extend(self, titles: Sequence[str]) -> None:
+        """Append titles (new items get the next ids); clears the fuzzy cache."""
+        start = len(self.titles)
+        self.titles.extend(titles)
+        self._index(start)
+        self._cache.clear()
 
     def __len__(self) -> int:
         return len(self.titles)
@@ -190,7 +203,7 @@ class TitleMatcher:
             return out
         for s in range(0, len(norms), chunk):
             block = norms[s : s + chunk]
-            m = process.cdist(block, self.normalised, scorer=fuzz.ratio, dtype=np.float32, workers=-1)
+            m = process.cdist(block, self.normalised, scorer=fuzz.ratio, dtype=np.float64, workers=-1)
             out[s : s + len(block)] = m.max(axis=1) / 100.0
         for k, n in enumerate(norms):
             if n in self._exact:

@@ -1,4 +1,5 @@
-"""Plain data types shared by every LLM backend: requests, responses and generation parameters.
+"""Plain data types shared by every LLM backend (requests, responses, generation parameters)
+and the abstract :class:`LLMBackend` interface.
 
 Nothing here imports torch, transformers or httpx, so these types are cheap to use everywhere
 (surrogate backends, caches, parsers, tests that run without a model).
@@ -6,7 +7,9 @@ Nothing here imports torch, transformers or httpx, so these types are cheap to u
 
 from __future__ import annotations
 
+import abc
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -91,4 +94,47 @@ class GenerationParams:
         }
 
 
-__all__ = ["GenerationParams", "LLMRequest", "LLMResponse"]
+def as_requests(items: Sequence[LLMRequest | str]) -> list[LLMRequest]:
+    """Accept plain prompt strings where requests are expected."""
+    return [it if isinstance(it, LLMRequest) else LLMRequest(prompt=str(it)) for it in items]
+
+
+class LLMBackend(abc.ABC):
+    """A batched text generator with log-likelihood scoring.
+
+    Subclasses set ``name`` and ``model_id`` (both enter cache keys) and implement
+    :meth:`generate` and :meth:`loglik`. ``uses_payload`` is True for backends whose output depends
+    on ``LLMRequest.payload``/``task`` (surrogates), so that caches key on them too.
+    """
+
+    name: str = "base"
+    uses_payload: bool = False
+
+    @property
+    @abc.abstractmethod
+    def model_id(self) -> str:
+        """A stable identifier of the model (enters cache keys)."""
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[LLMRequest], params: GenerationParams) -> list[LLMResponse]:
+        """One response per request, in order. Per-request failures come back with ``failed=True``."""
+
+    @abc.abstractmethod
+    def loglik(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
+        """Sum log-probability (nats) of each continuation given its prompt (raw text, no template)."""
+
+    def cost_usd(self, response: LLMResponse) -> float:
+        """The price of one response (0 for local models)."""
+        return 0.0
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Release resources (threads, connections). Safe to call twice."""
+
+    def __enter__(self) -> LLMBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["GenerationParams", "LLMBackend", "LLMRequest", "LLMResponse", "as_requests"]
