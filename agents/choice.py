@@ -16,7 +16,12 @@ from recloop.sim.rng import hash_gumbel, hash_uniform
 
 
 class ChoiceModel:
-    """Base: ``choose(util, valid, users, key) -> positions`` (n,), -1 meaning no click."""
+    """Base: ``choose(util, valid, users, key) -> positions`` (n,), -1 meaning no click.
+
+    A model may instead define ``choose_many(util, valid, users, key, step) -> (n, k) bool`` to accept
+    several slate items in one cycle (e.g. the EchoTrace replay protocol); the simulator then logs every
+    accepted item and reports the first as the user's choice.
+    """
 
     class Params(Params):
         pass

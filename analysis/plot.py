@@ -61,11 +61,11 @@ def plot_metrics(df: pl.DataFrame, out: str | Path, metrics: list[str] | None = 
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, y=1.02, fontsize=10)
     fig.supxlabel("cycle", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.6 * rows)))
+    top = 1 - 0.25 / (2.6 * rows)
+    fig.legend(handles, labels, loc="center", bbox_to_anchor=(0.5, top), ncol=min(len(labels), 6), fontsize=8,
+               frameon=False, title=title or None, title_fontsize=9)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")

@@ -50,6 +50,7 @@ def run(
     n_prompts: int, max_tokens: int, batch_sizes: list[int], threads: int | None, repeats: int
 ) -> list[dict]:
     import torch
+
     from recloop.recommenders.llm import GenerationParams, TransformersBackend
 
     if threads:

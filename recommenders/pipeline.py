@@ -43,6 +43,9 @@ def _check_component(kind: str, value: Any) -> dict:
 class Pipeline(Policy):
     """Retrieval → optional ranker → optional re-ranker over the top ``candidates`` items."""
 
+    example_params = {"retrieval": {"type": "content"}, "candidates": 20, "ranker": {"type": "popularity"},
+                      "reranker": {"type": "mmr"}}
+
     class Params(Params):
         retrieval: dict = Field(description="a policy producing candidates ({type: ..., ...})")
         candidates: int = Field(100, gt=0, description="candidates kept per user after retrieval")

@@ -44,7 +44,7 @@ class FeedbackLoop(mesa.Model):
     """One simulated ecosystem under one policy and one seed."""
 
     def __init__(self, scenario, policy_name: str, policy_cfg, seed: int, *, restore: dict | None = None,
-                 scenario_file: str | None = None):
+                 scenario_file: str | None = None, run_dir: str | None = None):
         super().__init__(rng=seed)
         self.scenario = scenario
         self.policy_name = policy_name
@@ -62,9 +62,10 @@ class FeedbackLoop(mesa.Model):
         eng = sc.engine
         self.engine = ScoringEngine(eng.backend, chunk_rows=eng.chunk_rows, chunk_mib=eng.chunk_mib)
         ctx = PolicyContext(seed=self.seed, name=policy_name, engine=self.engine, dim=self.world.items.dim,
-                            extra={"scenario": sc})
+                            extra={"scenario": sc, "run_dir": run_dir, "generator": self.generator,
+                                   "world": self.world, "model": self})
         self.policy = registry.build("policy", policy_cfg, context=ctx)
-        self.choice = registry.build("choice", sc.users.choice)
+        self.choice = registry.build("choice", sc.users.choice, seed=self.seed, generator=self.generator)
         self.dynamics = [registry.build("dynamics", d) for d in sc.users.dynamics]
         for d in self.dynamics:
             d.init(self.world)
@@ -150,6 +151,9 @@ class FeedbackLoop(mesa.Model):
         chosen_item = np.full(n, -1, np.int64)
         realised = np.zeros(n, np.float32)
         key = derive_key(self.seed, "choice", t)
+        many = getattr(self.choice, "choose_many", None)  # multi-accept models (e.g. EchoTrace replay)
+        extra_users: list[np.ndarray] = []
+        extra_items: list[np.ndarray] = []
 
         def on_chunk(sl, items, scores):
             u = active[sl]
@@ -158,7 +162,16 @@ class FeedbackLoop(mesa.Model):
             perceived = true_u
             for d in self.dynamics:
                 perceived = d.adjust(u, items, perceived, w)
-            pos = self.choice.choose(perceived, valid, u, key)
+            if many is not None:
+                accept = many(perceived, valid, u, key, step=t) & valid
+                pos = np.where(accept.any(axis=1), np.argmax(accept, axis=1), -1)
+                rest = accept.copy()
+                rest[np.arange(len(u)), np.maximum(pos, 0)] = False
+                r, c = np.nonzero(rest)
+                extra_users.append(u[r])
+                extra_items.append(items[r, c])
+            else:
+                pos = self.choice.choose(perceived, valid, u, key)
             hit = pos >= 0
             rows = np.flatnonzero(hit)
             chosen_pos[sl] = pos
@@ -167,6 +180,8 @@ class FeedbackLoop(mesa.Model):
             chosen_item[sl] = ci
             ru = np.zeros(len(u), np.float32)
             ru[rows] = true_u[rows, pos[hit]]
+            if many is not None:
+                ru = np.where(accept, true_u, 0.0).sum(axis=1).astype(np.float32)
             realised[sl] = ru
 
         t0 = time.perf_counter()
@@ -179,6 +194,8 @@ class FeedbackLoop(mesa.Model):
         t0 = time.perf_counter()
         clicked = chosen_item >= 0
         self._record(t, active[clicked], chosen_item[clicked], PROVENANCE["recommended"])
+        if extra_users:
+            self._record(t, np.concatenate(extra_users), np.concatenate(extra_items), PROVENANCE["recommended"])
         if sc.users.organic_rate > 0:
             self._organic(t, active)
         for d in self.dynamics:

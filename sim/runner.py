@@ -71,11 +71,12 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
     ck = store.latest_checkpoint(key) if resume else None
     t_start = time.perf_counter()
     if ck is not None:
-        model = FeedbackLoop(scenario, policy_name, cfg, seed, restore=ck[1], scenario_file=scenario_file)
+        model = FeedbackLoop(scenario, policy_name, cfg, seed, restore=ck[1], scenario_file=scenario_file,
+                             run_dir=root)
         store.drop_parts_after(key, model.t - 1)
     else:
         store.drop_parts_after(key, -1)
-        model = FeedbackLoop(scenario, policy_name, cfg, seed, scenario_file=scenario_file)
+        model = FeedbackLoop(scenario, policy_name, cfg, seed, scenario_file=scenario_file, run_dir=root)
     setup_s = time.perf_counter() - t_start
     out = scenario.output
     buf: dict[str, list] = {c: [] for c in ("policy", "seed", "step", "metric", "group", "value")}
@@ -117,9 +118,11 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
         "timings": summarize_timings(model.timings),
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
-    extra = getattr(model.policy, "run_report", None)
-    if callable(extra):
-        entry.update(extra())
+    # components may report extra facts for the manifest (e.g. LLM accounting: {"llm": {...}})
+    for comp in (model.policy, *getattr(model.policy, "stages", [])):
+        report = getattr(comp, "run_report", None)
+        if callable(report):
+            entry.update(report())
     return entry
 
 

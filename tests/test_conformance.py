@@ -1,0 +1,77 @@
+"""Every registered component passes the conformance kit (recloop.conformance)."""
+
+import pytest
+
+from recloop import registry
+from recloop.conformance import CHECKS, check_component
+
+
+def _all():
+    out = []
+    for kind in CHECKS:
+        for name in registry.names(kind):
+            out.append(pytest.param(kind, name, id=f"{kind}:{name}"))
+    return out
+
+
+def _csv_params(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = ["user_id,item_id,rating,ts"]
+    for u in range(40):
+        for i in rng.choice(50, size=8, replace=False):
+            rows.append(f"u{u},i{i},{rng.integers(1, 6)},{rng.integers(1000)}")
+    path = tmp_path / "ratings.csv"
+    path.write_text("\n".join(rows))
+    return {"path": str(path), "rating_col": "rating", "timestamp_col": "ts", "dim": 4}
+
+
+@pytest.mark.parametrize("kind,name", _all())
+def test_component_conforms(kind, name, tmp_path):
+    params = _csv_params(tmp_path) if (kind, name) == ("world", "interactions_csv") else None
+    check_component(kind, name, params)
+
+
+def test_every_kind_has_components():
+    for kind in ("world", "policy", "choice", "dynamics", "population", "creator", "metric", "reranker"):
+        assert registry.names(kind), kind
+
+
+def test_params_forbid_extra_keys():
+    for spec in registry.specs():
+        assert spec.params.model_config.get("extra") == "forbid", spec
+
+
+def test_kit_catches_a_nondeterministic_policy():
+    import numpy as np
+
+    from recloop.recommenders.base import Policy
+    from recloop.registry import _REGISTRY, register
+
+    @register("policy", "_flaky")
+    class Flaky(Policy):
+        def score(self, users, world, step=0):
+            return np.random.default_rng().random((len(users), world.items.n)).astype(np.float32)
+
+    try:
+        with pytest.raises(AssertionError, match="deterministic"):
+            check_component("policy", "_flaky")
+    finally:
+        _REGISTRY["policy"].pop("_flaky")
+
+
+def test_kit_catches_input_mutation():
+    from recloop.recommenders.classic import IdealPolicy
+    from recloop.registry import _REGISTRY, register
+
+    @register("policy", "_mutating")
+    class Mutating(IdealPolicy):
+        def fit(self, data, world, *, step, rng, warm_start):
+            world.users.prefs[0] += 1.0
+
+    try:
+        with pytest.raises(AssertionError, match="modified"):
+            check_component("policy", "_mutating")
+    finally:
+        _REGISTRY["policy"].pop("_mutating")
