@@ -212,6 +212,25 @@ class Homogenization(MetricComponent):
         self.pairs = np.stack([a, b], axis=1).astype(np.int64)
         self.sim_users = rng.choice(n, size=min(n, p), replace=False).astype(np.int64)
 
+    def _similar_pairs(self, model) -> np.ndarray:
+        """Each sampled user with its most cosine-similar user under the policy's user factors; ties
+        (and policies without user factors, whose users are all alike) are broken at random."""
+        n = model.world.users.n
+        q = self.sim_users[self.sim_users < n]
+        rng = component_rng(model.seed, "metric.similar_pairs", model.t)
+        U = _user_factors(model.policy, model.world)
+        if U is None:
+            partner = (q + rng.integers(1, max(n, 2), size=len(q))) % n
+        else:
+            U = U[:n].astype(np.float64)
+            norms = np.linalg.norm(U, axis=1)
+            Un = U / np.where(norms > 0, norms, 1)[:, None]
+            sims = Un[q] @ Un.T
+            sims[np.arange(len(q)), q] = -np.inf
+            sims += rng.random(sims.shape) * 1e-9  # random tie-breaking
+            partner = np.argmax(sims, axis=1)
+        return np.stack([q, partner], axis=1)
+
     def compute(self, model, fb, popularity):
         users = np.unique(self.pairs)
         indptr, items = model.history.csr(users)
@@ -221,21 +240,21 @@ class Homogenization(MetricComponent):
         pos = np.minimum(pos, len(fb.users) - 1)
         both = (fb.users[pos] == self.pairs).all(axis=1)
         if both.any():
-            rows.append(("rec_similarity", "", M.mean_pair_jaccard_slates(fb.slates[pos[both]].reshape(-1, fb.slates.shape[1]).reshape(-1, 2, fb.slates.shape[1]).transpose(1, 0, 2).reshape(-1, fb.slates.shape[1]) if False else fb.slates, pos[both])))
-        f = model.policy.factors(model.world) if hasattr(model.policy, "factors") else None
-        if f is not None and f[0].shape[1] > 1:
-            U = f[0][: model.world.users.n].astype(np.float64)
-            norms = np.linalg.norm(U, axis=1)
-            Un = U / np.where(norms > 0, norms, 1)[:, None]
-            q = self.sim_users[self.sim_users < len(Un)]
-            sims = Un[q] @ Un.T
-            sims[np.arange(len(q)), q] = -np.inf
-            partner = np.argmax(sims, axis=1)
-            pairs = np.stack([q, partner], axis=1)
-            us = np.unique(pairs)
-            ip, it = model.history.csr(us)
-            rows.append(("homogenization_similar", "", M.mean_pair_jaccard(ip, it, np.searchsorted(us, pairs))))
+            rows.append(("rec_similarity", "", M.mean_pair_jaccard_slates(fb.slates, pos[both])))
+        pairs = self._similar_pairs(model)
+        us = np.unique(pairs)
+        ip, it = model.history.csr(us)
+        rows.append(("homogenization_similar", "", M.mean_pair_jaccard(ip, it, np.searchsorted(us, pairs))))
         return rows
+
+
+def _user_factors(policy, world):
+    """The policy's current user embedding (None when it has none, e.g. popularity or random)."""
+    for pol in (policy, getattr(policy, "retrieval", None)):
+        f = pol.factors(world) if pol is not None else None
+        if f is not None and f[0].shape[1] > 1 and np.abs(f[0]).sum() > 0:
+            return f[0]
+    return None
 
 
 @register("metric", "polarization")

@@ -66,6 +66,8 @@ BUILTIN_MODULES = (
     "recloop.recommenders.pipeline",
     "recloop.recommenders.rerankers",
     "recloop.analysis.collectors",
+    "recloop.recommenders.llm.roles",
+    "recloop.analysis.llm_collectors",
 )
 
 

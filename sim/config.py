@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, create_model, model_validator
 
 from recloop import registry
 from recloop.errors import RecloopInputError, did_you_mean
+from recloop.recommenders.llm.service import LLMConfig
 from recloop.registry import Params
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -135,7 +136,7 @@ def _scenario_model(_generation: int = 0):
         metrics: MetricsConfig = Field(default_factory=MetricsConfig)
         engine: EngineConfig = Field(default_factory=EngineConfig)
         output: OutputConfig = Field(default_factory=OutputConfig)
-        llm: dict[str, Any] | None = Field(None, description="LLM backend, cache and budget (see `recloop list`)")
+        llm: LLMConfig | None = Field(None, description="LLM backend, cache, budget and output limits")
 
         @model_validator(mode="after")
         def _one_policy_key(self):

@@ -348,6 +348,8 @@ class _Fitted:
     creator_profiles: np.ndarray | None
     creator_group: np.ndarray | None
     meta: dict[str, Any]
+    log_timestamps: np.ndarray | None = None  # times of log_users/log_items (aligned)
+    held_timestamps: np.ndarray | None = None  # times of held_users/held_items (aligned)
 
 
 def _single_thread_blas() -> contextlib.AbstractContextManager:
@@ -567,6 +569,8 @@ def fit_ratings(table: RatingsTable, p: _FitParams) -> _Fitted:
         creator_profiles=None if profiles is None else profiles.astype(np.float32),
         creator_group=cgroup,
         meta=meta,
+        log_timestamps=ts[in_log],
+        held_timestamps=ts[~in_log],
     )
 
 
@@ -616,6 +620,36 @@ class _DataSetWorld(WorldGenerator):
         """(users, items) of the positives left out of the initial log (later in time)."""
         f = self.fitted()
         return f.held_users.copy(), f.held_items.copy()
+
+    def timeline(self, source: str = "held_out") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(users, items, timestamps) of real interactions in world ids (kept users and items only).
+
+        ``held_out``: the positives left out of the initial log (each user's later ones);
+        ``positives``: every positive (initial log and held out); ``ratings``: every row of the data
+        set, whatever its rating, deduplicated to the first time a user met an item. Used by the
+        EchoTrace replay user model (:mod:`recloop.agents.replay`).
+        """
+        f = self.fitted()
+        if source == "held_out":
+            return f.held_users.copy(), f.held_items.copy(), np.asarray(f.held_timestamps, np.float64).copy()
+        if source == "positives":
+            return (np.concatenate([f.log_users, f.held_users]), np.concatenate([f.log_items, f.held_items]),
+                    np.concatenate([f.log_timestamps, f.held_timestamps]).astype(np.float64))
+        if source != "ratings":
+            raise ValueError(f"unknown timeline source {source!r}: held_out, positives or ratings")
+        table = self.table()
+        u_code = {v: k for k, v in enumerate(f.meta["user_ids"])}
+        i_code = {v: k for k, v in enumerate(f.meta["item_ids"])}
+        u_map = np.array([u_code.get(v, -1) for v in table.user_ids], np.int64)
+        i_map = np.array([i_code.get(v, -1) for v in table.item_ids], np.int64)
+        u, i = u_map[table.user], i_map[table.item]
+        rows = (u >= 0) & (i >= 0)
+        u, i, ts = u[rows], i[rows], table.timestamp[rows]
+        order = np.lexsort((ts, i, u))
+        u, i, ts = u[order], i[order], ts[order]
+        first = np.ones(len(u), bool)
+        first[1:] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+        return u[first], i[first], ts[first].astype(np.float64)
 
     def new_items(
         self, creator_ids: np.ndarray, world: World, rng: np.random.Generator

@@ -1,0 +1,575 @@
+"""One LLM service per simulated run: backend + response cache + budget + accounting + failure log.
+
+The scenario's ``llm:`` block (:class:`LLMConfig`) says which backend to use and how::
+
+    llm:
+      backend: {type: surrogate, h: 0.1, beta: 0.5}   # or {type: surrogate, params_file: calib.json}
+                                                      # or {type: transformers} / {type: openai, ...}
+      cache_dir: null        # default <run_dir>/llm_cache; a shared folder lets runs replay each other
+      budget: {max_calls: 5000, max_tokens: null, max_cost_usd: null}
+      generation: {max_tokens: 64, temperature: 0.0}
+      timeout_s: null        # per request; answers slower than this count as "timeout" failures
+      max_output_chars: 2000 # longer answers count as "too_long" failures
+
+Every LLM role (R1 augmenter, R2 profiler, R3 ranker) gets the same :class:`LLMService` through
+:func:`get_service` (memoised per :class:`~recloop.recommenders.base.PolicyContext`, i.e. one per
+``FeedbackLoop``). :meth:`LLMService.generate` returns one :class:`LLMResponse` per request and never
+raises for a bad answer: malformed answers come back with ``failed=True`` and ``error`` set to the
+reason (``empty``, ``too_long``, ``timeout``, ``budget``, ``backend_error``), are counted per role and
+logged with their prompt to ``<run_dir>/llm_failures.jsonl``. Roles report parse failures
+themselves with :meth:`LLMService.log_failure` (reason ``unparsable``) and count the fallbacks they
+take with :meth:`LLMService.count_fallback`.
+
+Accounting (:attr:`LLMService.accounting`) is checkpointed with the run (``FeedbackLoop.state()``), so a
+resumed run reports the totals of the whole run; the cache makes the replayed part free.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from recloop import registry
+from recloop.registry import Params
+
+from .cache import Budget, CachedBackend
+from .types import GenerationParams, LLMBackend, LLMRequest, LLMResponse, as_requests
+
+__all__ = [
+    "BudgetConfig",
+    "GenerationConfig",
+    "LLMConfig",
+    "LLMService",
+    "MALFORMED_REASONS",
+    "build_backend",
+    "empty_accounting",
+    "get_service",
+    "has_service",
+    "sum_accounting",
+]
+
+#: Reasons an answer could not be used (``backend_error``: an HTTP error or a backend exception).
+MALFORMED_REASONS = ("empty", "unparsable", "too_long", "timeout", "budget", "backend_error")
+
+_ROLE_KEYS = ("requests", "calls", "cache_hits", "prompt_tokens", "completion_tokens", "wall_s", "failures",
+              "fallbacks")
+
+
+class BudgetConfig(Params):
+    """Limits on calls to the model (cache hits are free); ``null`` = unlimited. Once spent, further
+    requests fail with reason ``budget`` and the roles take their fallbacks; the run goes on."""
+
+    max_calls: int | None = Field(None, ge=0, description="requests sent to the model")
+    max_tokens: int | None = Field(None, ge=0, description="prompt + completion tokens")
+    max_cost_usd: float | None = Field(None, ge=0, description="cost (paid endpoints)")
+
+
+class GenerationConfig(Params):
+    """Decoding parameters for every generation request."""
+
+    max_tokens: int = Field(64, ge=1, description="new tokens per answer")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, description="decoding seed; default: the run seed")
+
+
+class LLMConfig(Params):
+    """The scenario's ``llm:`` block: backend, response cache, budget, decoding, output limits."""
+
+    backend: dict = Field(
+        default_factory=lambda: {"type": "surrogate"},
+        description="an llm_backend component: surrogate (SurrogateParams or params_file: a JSON written "
+        "by `recloop llm calibrate`), transformers, openai",
+    )
+    cache_dir: str | None = Field(None, description="response cache folder; default <run_dir>/llm_cache")
+    budget: BudgetConfig | None = None
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    timeout_s: float | None = Field(
+        None, gt=0, description="per-request time limit (passed to HTTP backends; slower answers = timeout)"
+    )
+    max_output_chars: int = Field(2000, ge=1, description="longer answers count as too_long failures")
+    max_failure_log: int = Field(2000, ge=0, description="failure lines written per run (all are counted)")
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, v):
+        if not isinstance(v, dict) or "type" not in v:
+            raise ValueError(
+                "must be a mapping with a 'type:' naming an llm_backend; allowed: "
+                + ", ".join(registry.names("llm_backend"))
+            )
+        spec = registry.get("llm_backend", str(v["type"]))
+        cfg = {k: val for k, val in v.items() if k not in ("type", "params_file")}
+        if "params_file" in v:
+            if spec.name != "surrogate":
+                raise ValueError("'params_file' is only valid for the surrogate backend")
+            if not isinstance(v["params_file"], str):
+                raise ValueError("'params_file' must be a path (string)")
+        try:
+            spec.params.model_validate(cfg)
+        except Exception as exc:  # pydantic ValidationError -> one line
+            errs = getattr(exc, "errors", lambda: [])()
+            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs) or str(exc)
+            allowed = ", ".join(spec.params.model_fields)
+            raise ValueError(f"llm_backend '{v['type']}': {detail} (allowed keys: {allowed or 'none'})") from None
+        return v
+
+
+# ---------------------------------------------------------------------------------------------- backend
+
+
+def load_params_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Surrogate parameters from a JSON file: either the parameters themselves or an object holding
+    them under ``params``/``surrogate``/``surrogate_params`` (what ``recloop llm calibrate`` writes)."""
+    from recloop.errors import RecloopInputError
+
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise RecloopInputError("surrogate params_file not found.", file=str(p), key="llm.backend.params_file") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RecloopInputError(f"cannot read surrogate params_file ({exc}).", file=str(p),
+                                key="llm.backend.params_file") from None
+    if not isinstance(data, dict):
+        raise RecloopInputError("params_file must hold a JSON object.", file=str(p), key="llm.backend.params_file")
+    for key in ("params", "surrogate", "surrogate_params"):
+        if isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    from .surrogate import SurrogateParams
+
+    return {k: v for k, v in data.items() if k in SurrogateParams.model_fields}
+
+
+def build_backend(cfg: dict[str, Any], *, world=None, timeout_s: float | None = None) -> LLMBackend:
+    """Instantiate the configured backend (the surrogate gets the world's titles as its catalog)."""
+    cfg = dict(cfg)
+    name = registry.get("llm_backend", str(cfg["type"])).name
+    if name == "surrogate":
+        from .surrogate import SurrogateLLM, SurrogateParams
+
+        cfg.pop("type")
+        pf = cfg.pop("params_file", None)
+        merged = {**(load_params_file(pf) if pf else {}), **cfg}
+        titles = world.items.titles if world is not None else None
+        return SurrogateLLM(SurrogateParams(**merged), titles=titles)
+    spec = registry.get("llm_backend", name)
+    if timeout_s is not None and "timeout_s" in spec.params.model_fields and "timeout_s" not in cfg:
+        cfg["timeout_s"] = float(timeout_s)
+    return registry.build("llm_backend", cfg)
+
+
+# ------------------------------------------------------------------------------------------- accounting
+
+
+def empty_accounting() -> dict[str, Any]:
+    """The accounting object of a run that made no LLM requests."""
+    return {
+        "backend": None,
+        "model": None,
+        "requests": 0,
+        "calls": 0,
+        "cache_hits": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "failures": 0,
+        "backend_failures": 0,
+        "fallbacks": 0,
+        "wall_s": 0.0,
+        "cost_usd": 0.0,
+        "budget_exhausted": False,
+        "budget_denied": 0,
+        "malformed": dict.fromkeys(MALFORMED_REASONS, 0),
+        "roles": {},
+    }
+
+
+def sum_accounting(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sum accounting objects (the manifest's top-level ``llm`` over its runs)."""
+    out = empty_accounting()
+    backends, models = set(), set()
+    for a in items:
+        if not a:
+            continue
+        for k, v in a.items():
+            if k in ("backend", "model"):
+                if v:
+                    (backends if k == "backend" else models).add(str(v))
+            elif k == "budget_exhausted":
+                out[k] = bool(out[k] or v)
+            elif k == "malformed":
+                for r, n in (v or {}).items():
+                    out["malformed"][r] = out["malformed"].get(r, 0) + n
+            elif k == "roles":
+                for role, d in (v or {}).items():
+                    dst = out["roles"].setdefault(role, {})
+                    for kk, vv in d.items():
+                        if isinstance(vv, dict):
+                            sub = dst.setdefault(kk, {})
+                            for r, n in vv.items():
+                                sub[r] = sub.get(r, 0) + n
+                        elif isinstance(vv, (int, float)) and not isinstance(vv, bool):
+                            dst[kk] = dst.get(kk, 0) + vv
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+    out["backend"] = ",".join(sorted(backends)) or None
+    out["model"] = ",".join(sorted(models)) or None
+    out["wall_s"] = round(float(out["wall_s"]), 6)
+    return out
+
+
+def _new_role() -> dict[str, Any]:
+    d: dict[str, Any] = dict.fromkeys(_ROLE_KEYS, 0)
+    d["wall_s"] = 0.0
+    d["malformed"] = dict.fromkeys(MALFORMED_REASONS, 0)
+    return d
+
+
+def _json_safe(x: Any) -> Any:
+    """Payload values as exact JSON (numpy arrays -> lists; floats rounded to 6 significant digits so
+    that cache keys do not depend on the last bits of a BLAS sum)."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind == "f":
+            return [float(f"{v:.6g}") for v in x.tolist()]
+        return x.tolist()
+    if isinstance(x, (np.floating, float)):
+        return float(f"{float(x):.6g}")
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+class LLMService:
+    """The run's LLM: ``generate`` / ``loglik`` through the response cache, with accounting per role.
+
+    Parameters
+    ----------
+    config: the scenario's :class:`LLMConfig`.
+    run_dir: the run directory (cache default ``<run_dir>/llm_cache``, failure log
+        ``<run_dir>/llm_failures.jsonl``); None keeps both in memory only (no cache unless
+        ``cache_dir`` is given).
+    seed: the run seed (default decoding seed).
+    world: the simulated world (the surrogate reads its titles).
+    backend: an already built backend (tests); default: built from ``config.backend``.
+    label: who uses it (policy name and seed), written into the failure log.
+    """
+
+    def __init__(self, config: LLMConfig | dict | None = None, *, run_dir: str | os.PathLike[str] | None = None,
+                 seed: int = 0, world=None, backend: LLMBackend | None = None, label: str = ""):
+        if config is None:
+            config = LLMConfig()
+        elif isinstance(config, dict):
+            config = LLMConfig.model_validate(config)
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.seed = int(seed)
+        self.world = world
+        self.label = label
+        self.inner = backend if backend is not None else build_backend(config.backend, world=world,
+                                                                      timeout_s=config.timeout_s)
+        cache_dir = config.cache_dir
+        if cache_dir is None and self.run_dir is not None:
+            cache_dir = str(self.run_dir / "llm_cache")
+        b = config.budget
+        budget = Budget(b.max_calls, b.max_tokens, b.max_cost_usd) if b is not None else None
+        self.backend = CachedBackend(self.inner, cache_dir, budget)
+        g = config.generation
+        self.params = GenerationParams(max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
+                                       seed=self.seed if g.seed is None else int(g.seed))
+        self.roles: dict[str, dict[str, Any]] = {}
+        self.malformed = dict.fromkeys(MALFORMED_REASONS, 0)
+        self.fallbacks = 0
+        self.requests = 0
+        self.logged = 0
+        self.failure_records: list[dict[str, Any]] = []  # in-memory copy of the last failures (tests)
+        self._base = self._zero_base()
+        self._lock = threading.RLock()
+        self._catalog_fp: tuple[int, str] | None = None
+        self.step: int | None = None  # roles may set the current cycle (written into the failure log)
+
+    # -- facts -------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    @property
+    def uses_payload(self) -> bool:
+        """True for the surrogate: requests must carry the structured ``payload`` (roles may then
+        skip building long prompts, which the surrogate does not read)."""
+        return bool(self.inner.uses_payload)
+
+    @property
+    def supports_loglik(self) -> bool:
+        """Whether ``loglik`` is available (the surrogate has none: use a ``rank`` request instead)."""
+        from .surrogate import SurrogateLLM
+
+        return not isinstance(self.inner, SurrogateLLM)
+
+    def catalog_fingerprint(self) -> str:
+        """A short hash of the current catalog titles (put in surrogate payloads so cache keys change
+        when the catalog does; recomputed only when the catalog grows)."""
+        titles = self.world.items.titles if self.world is not None else []
+        n = len(titles)
+        if self._catalog_fp is None or self._catalog_fp[0] != n:
+            h = hashlib.sha256()
+            for t in titles:
+                h.update(str(t).encode("utf-8", "replace"))
+                h.update(b"\x00")
+            self._catalog_fp = (n, h.hexdigest()[:16])
+        return self._catalog_fp[1]
+
+    def _role(self, role: str) -> dict[str, Any]:
+        d = self.roles.get(role)
+        if d is None:
+            d = self.roles[role] = _new_role()
+        return d
+
+    # -- generation --------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[LLMRequest | str], role: str, *, step: int | None = None,
+                 params: GenerationParams | None = None) -> list[LLMResponse]:
+        """One response per request, through the cache and the budget, never raising for bad answers.
+
+        Responses that cannot be used come back with ``failed=True`` and ``error`` one of ``empty``,
+        ``too_long``, ``timeout``, ``budget``, ``backend_error`` (counted and logged here). Payload
+        arrays are converted to JSON (so cache keys are exact and stable).
+        """
+        reqs = as_requests(requests)
+        if not reqs:
+            return []
+        if step is not None:
+            self.step = step
+        if self.uses_payload:
+            reqs = [LLMRequest(r.prompt, r.task, _json_safe(r.payload)) for r in reqs]
+        acc = self.backend.accounting
+        before = (acc.calls, acc.cache_hits, acc.prompt_tokens, acc.completion_tokens, acc.wall_s)
+        t0 = time.perf_counter()
+        try:
+            responses = self.backend.generate(reqs, params or self.params)
+        except Exception as exc:  # noqa: BLE001 - a backend crash must not end the run
+            err = f"backend_error: {type(exc).__name__}: {exc}"
+            responses = [LLMResponse.failure(err) for _ in reqs]
+        wall = time.perf_counter() - t0
+        r = self._role(role)
+        with self._lock:
+            self.requests += len(reqs)
+            r["requests"] += len(reqs)
+            r["calls"] += acc.calls - before[0]
+            r["cache_hits"] += acc.cache_hits - before[1]
+            r["prompt_tokens"] += acc.prompt_tokens - before[2]
+            r["completion_tokens"] += acc.completion_tokens - before[3]
+            r["wall_s"] += wall
+        out: list[LLMResponse] = []
+        limit = self.config.max_output_chars
+        tmo = self.config.timeout_s
+        for req, resp in zip(reqs, responses, strict=True):
+            reason = None
+            if resp.failed:
+                e = (resp.error or "").lower()
+                if "budget" in e:
+                    reason = "budget"
+                elif "timeout" in e or "timed out" in e:
+                    reason = "timeout"
+                else:
+                    reason = "backend_error"
+            elif tmo is not None and not resp.cached and resp.wall_s > tmo:
+                reason = "timeout"
+            elif not (resp.text or "").strip():
+                reason = "empty"
+            elif len(resp.text) > limit:
+                reason = "too_long"
+            if reason is not None:
+                self.log_failure(role, reason, req.prompt, resp.text, error=resp.error, payload=req.payload)
+                resp = LLMResponse(text=resp.text, prompt_tokens=resp.prompt_tokens,
+                                   completion_tokens=resp.completion_tokens, failed=True, error=reason,
+                                   cached=resp.cached, wall_s=resp.wall_s)
+            out.append(resp)
+        return out
+
+    def loglik(self, prompts: Sequence[str], continuations: Sequence[str], role: str, *,
+               step: int | None = None) -> np.ndarray:
+        """Log-likelihoods (nats) of each continuation given its prompt; NaN where unavailable
+        (budget spent, backend error: counted and logged once per call)."""
+        n = len(prompts)
+        if n == 0:
+            return np.zeros(0)
+        if step is not None:
+            self.step = step
+        acc = self.backend.accounting
+        before = (acc.calls, acc.cache_hits, acc.budget_denied, acc.wall_s)
+        t0 = time.perf_counter()
+        err = ""
+        try:
+            vals = np.asarray(self.backend.loglik(list(prompts), list(continuations)), dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001
+            vals = np.full(n, np.nan)
+            err = f"{type(exc).__name__}: {exc}"
+        wall = time.perf_counter() - t0
+        r = self._role(role)
+        with self._lock:
+            self.requests += n
+            r["requests"] += n
+            r["calls"] += acc.calls - before[0]
+            r["cache_hits"] += acc.cache_hits - before[1]
+            r["wall_s"] += wall
+        bad = np.flatnonzero(~np.isfinite(vals))
+        if len(bad):
+            denied = acc.budget_denied - before[2]
+            for j, i in enumerate(bad.tolist()):
+                reason = "budget" if j >= len(bad) - denied else ("timeout" if "timeout" in err.lower()
+                                                                   else "backend_error")
+                self.log_failure(role, reason, prompts[i], "", error=err or "nan loglik",
+                                 continuation=continuations[i])
+        return vals
+
+    # -- failures ----------------------------------------------------------------------------------
+    def log_failure(self, role: str, reason: str, prompt: str, text: str, *, error: str = "",
+                    **extra: Any) -> None:
+        """Count a malformed answer and append it (with its prompt) to ``<run_dir>/llm_failures.jsonl``."""
+        reason = str(getattr(reason, "value", reason))
+        r = self._role(role)
+        with self._lock:
+            self.malformed[reason] = self.malformed.get(reason, 0) + 1
+            r["malformed"][reason] = r["malformed"].get(reason, 0) + 1
+            r["failures"] += 1
+            if self.logged >= self.config.max_failure_log:
+                return
+            self.logged += 1
+            rec = {"policy": self.label, "step": self.step, "role": role, "reason": reason, "error": error,
+                   "prompt": str(prompt)[:4000], "text": str(text or "")[:4000]}
+            for k, v in extra.items():
+                if k == "payload" and isinstance(v, dict):
+                    v = {kk: vv for kk, vv in v.items() if kk in ("task", "user", "seed", "n", "catalog")}
+                rec[k] = _json_safe(v)
+            self.failure_records.append(rec)
+            if len(self.failure_records) > 200:
+                del self.failure_records[:100]
+            if self.run_dir is not None:
+                try:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    with open(self.run_dir / "llm_failures.jsonl", "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+                except OSError:  # a full disk must not end the run either
+                    pass
+
+    def count_fallback(self, role: str, n: int = 1) -> None:
+        """Record that a role used its documented fallback ``n`` times (R1: no augmentation for a user;
+        R3: the base order)."""
+        with self._lock:
+            self.fallbacks += int(n)
+            self._role(role)["fallbacks"] += int(n)
+
+    # -- accounting --------------------------------------------------------------------------------
+    @staticmethod
+    def _zero_base() -> dict[str, Any]:
+        return {"calls": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0, "backend_failures": 0,
+                "wall_s": 0.0, "cost_usd": 0.0, "budget_denied": 0, "budget_exhausted": False}
+
+    @property
+    def accounting(self) -> dict[str, Any]:
+        """Totals of this run: calls (sent to the model), cache hits, tokens, failures (malformed
+        answers of any reason), wall time, cost, budget state, malformed counts by reason, per role."""
+        a = self.backend.accounting
+        base = self._base
+        return {
+            "backend": self.name,
+            "model": self.model_id,
+            "requests": self.requests,
+            "calls": base["calls"] + a.calls,
+            "cache_hits": base["cache_hits"] + a.cache_hits,
+            "prompt_tokens": base["prompt_tokens"] + a.prompt_tokens,
+            "completion_tokens": base["completion_tokens"] + a.completion_tokens,
+            "failures": int(sum(self.malformed.values())),
+            "backend_failures": base["backend_failures"] + a.failures,
+            "fallbacks": self.fallbacks,
+            "wall_s": round(base["wall_s"] + a.wall_s, 6),
+            "cost_usd": base["cost_usd"] + a.cost_usd,
+            "budget_exhausted": bool(base["budget_exhausted"] or a.budget_exhausted),
+            "budget_denied": base["budget_denied"] + a.budget_denied,
+            "malformed": dict(self.malformed),
+            "roles": copy.deepcopy(self.roles),
+        }
+
+    def run_report(self) -> dict[str, Any]:
+        """For the run manifest: ``{"llm": accounting}``."""
+        return {"llm": self.accounting}
+
+    def state_dict(self) -> dict[str, Any]:
+        acc = self.accounting
+        return {"accounting": acc, "logged": self.logged}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the totals of a checkpoint: the model's counters continue from them (the budget
+        too: calls spent before the checkpoint stay spent)."""
+        acc = state.get("accounting") or {}
+        a = self.backend.accounting
+        with a._lock:
+            a.calls = int(acc.get("calls", 0))
+            a.cache_hits = int(acc.get("cache_hits", 0))
+            a.prompt_tokens = int(acc.get("prompt_tokens", 0))
+            a.completion_tokens = int(acc.get("completion_tokens", 0))
+            a.failures = int(acc.get("backend_failures", 0))
+            a.wall_s = float(acc.get("wall_s", 0.0))
+            a.cost_usd = float(acc.get("cost_usd", 0.0))
+            a.budget_exhausted = bool(acc.get("budget_exhausted", False))
+            a.budget_denied = int(acc.get("budget_denied", 0))
+        self._base = self._zero_base()
+        self.requests = int(acc.get("requests", 0))
+        self.fallbacks = int(acc.get("fallbacks", 0))
+        self.malformed = {**dict.fromkeys(MALFORMED_REASONS, 0), **(acc.get("malformed") or {})}
+        self.roles = copy.deepcopy(acc.get("roles") or {})
+        self.logged = int(state.get("logged", 0))
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+# ------------------------------------------------------------------------------------------ per run
+
+
+def _scenario_llm(context) -> LLMConfig:
+    sc = (getattr(context, "extra", None) or {}).get("scenario")
+    cfg = getattr(sc, "llm", None) if sc is not None else None
+    if cfg is None:
+        return LLMConfig()
+    if isinstance(cfg, LLMConfig):
+        return cfg
+    if hasattr(cfg, "model_dump"):
+        cfg = cfg.model_dump()
+    return LLMConfig.model_validate(cfg)
+
+
+def get_service(context) -> LLMService:
+    """The run's :class:`LLMService` (built on first use from the scenario's ``llm:`` block and
+    memoised in ``context.extra["llm_service"]``, so every LLM stage of a policy shares it)."""
+    extra = context.extra
+    svc = extra.get("llm_service")
+    if svc is None:
+        world = extra.get("world")
+        svc = LLMService(_scenario_llm(context), run_dir=extra.get("run_dir"), seed=context.seed, world=world,
+                         label=f"{context.name}/seed={context.seed}")
+        extra["llm_service"] = svc
+    return svc
+
+
+def has_service(context) -> bool:
+    """Whether an LLM stage of this run has created the service."""
+    return context is not None and (getattr(context, "extra", None) or {}).get("llm_service") is not None
