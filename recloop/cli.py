@@ -33,6 +33,7 @@ def run(
     steps: Optional[int] = typer.Option(None, help="override the number of cycles", min=1),
     overwrite: bool = typer.Option(False, help="replace a previous run in --out"),
     workers: int = typer.Option(1, help="processes running (policy, seed) pairs in parallel", min=1),
+    executor: str = typer.Option("process", help="process (local pool) or ray (the ray extra; a cluster)"),
     progress: bool = typer.Option(True, help="show the progress bar"),
     plot: bool = typer.Option(False, help="write DIR/metrics.png at the end"),
 ) -> None:
@@ -40,7 +41,7 @@ def run(
     from recloop.sim.runner import run_scenario
 
     manifest = run_scenario(scenario, out, seed=seed, steps=steps, overwrite=overwrite, workers=workers,
-                            progress=progress)
+                            progress=progress, executor=executor)
     t = manifest.get("timings", {})
     typer.echo(f"done: {out} ({len(manifest['runs'])} run(s), {t.get('cycle_s_median', 0):.4f} s/cycle median, "
                f"peak RSS {t.get('peak_rss_mb', 0):.0f} MB)")
@@ -54,12 +55,13 @@ def run(
 def resume(
     run_dir: Path = typer.Argument(..., help="run directory of an interrupted run"),
     workers: int = typer.Option(1, min=1),
+    executor: str = typer.Option("process", help="process or ray"),
     progress: bool = typer.Option(True),
 ) -> None:
     """Continue an interrupted run (even one killed with SIGKILL) from its latest checkpoints."""
     from recloop.sim.runner import resume_run
 
-    resume_run(run_dir, workers=workers, progress=progress)
+    resume_run(run_dir, workers=workers, progress=progress, executor=executor)
     typer.echo(f"done: {run_dir}")
 
 

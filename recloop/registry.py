@@ -60,6 +60,7 @@ BUILTIN_MODULES = (
     "recloop.agents.dynamics",
     "recloop.agents.population",
     "recloop.agents.creators",
+    "recloop.agents.replay",
     "recloop.recommenders.classic",
     "recloop.recommenders.knn",
     "recloop.recommenders.mf",
@@ -68,6 +69,7 @@ BUILTIN_MODULES = (
     "recloop.analysis.collectors",
     "recloop.recommenders.llm.roles",
     "recloop.analysis.llm_collectors",
+    "recloop.recommenders.llm.profiler",
 )
 
 

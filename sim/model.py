@@ -64,6 +64,7 @@ class FeedbackLoop(mesa.Model):
         ctx = PolicyContext(seed=self.seed, name=policy_name, engine=self.engine, dim=self.world.items.dim,
                             extra={"scenario": sc, "run_dir": run_dir, "generator": self.generator,
                                    "world": self.world, "model": self})
+        self.policy_context = ctx
         self.policy = registry.build("policy", policy_cfg, context=ctx)
         self.choice = registry.build("choice", sc.users.choice, seed=self.seed, generator=self.generator)
         self.dynamics = [registry.build("dynamics", d) for d in sc.users.dynamics]
@@ -258,7 +259,13 @@ class FeedbackLoop(mesa.Model):
             "creators": self.creators.state_dict() if self.creators else None,
             "metrics": self.metrics.state_dict(),
             "timings": dict(self.timings),
+            "llm": svc.state_dict() if (svc := self.llm_service) is not None else None,
         }
+
+    @property
+    def llm_service(self):
+        """The run's LLM service, if an LLM stage created one (see recloop.recommenders.llm.service)."""
+        return self.policy_context.extra.get("llm_service")
 
     def load_state(self, state: dict) -> None:
         self.t = state["t"]
@@ -274,4 +281,6 @@ class FeedbackLoop(mesa.Model):
             self.creators.load_state_dict(state["creators"])
         self.metrics.load_state_dict(state["metrics"], self.world)
         self.timings = defaultdict(list, state.get("timings", {}))
+        if state.get("llm") is not None and self.llm_service is not None:
+            self.llm_service.load_state_dict(state["llm"])
         self.steps = self.t

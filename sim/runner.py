@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from recloop import __version__
@@ -82,8 +83,12 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
     buf: dict[str, list] = {c: [] for c in ("policy", "seed", "step", "metric", "group", "value")}
     first = model.t
 
+    rss_samples: list[list[float]] = []
+    proc = psutil.Process()
+
     def flush(last: int) -> None:
         nonlocal first
+        rss_samples.append([last, round(proc.memory_info().rss / 2**20, 1)])
         if buf["step"]:
             store.write_part(key, first, last, buf)
             for v in buf.values():
@@ -117,12 +122,20 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
         "setup_s": round(setup_s, 4),
         "timings": summarize_timings(model.timings),
         "wall_s": round(time.perf_counter() - t_start, 3),
+        "rss_mb_samples": rss_samples[:: max(1, len(rss_samples) // 50)],
     }
     # components may report extra facts for the manifest (e.g. LLM accounting: {"llm": {...}})
     for comp in (model.policy, *getattr(model.policy, "stages", [])):
         report = getattr(comp, "run_report", None)
         if callable(report):
             entry.update(report())
+    svc = getattr(model, "llm_service", None)
+    if svc is not None:
+        entry["llm"] = svc.accounting
+    elif scenario.llm is not None:  # an LLM scenario: runs without an LLM stage report zeros
+        from recloop.recommenders.llm.service import empty_accounting
+
+        entry.setdefault("llm", empty_accounting())
     return entry
 
 
@@ -163,8 +176,31 @@ def _progress_ui(enabled: bool):
     return prog, update
 
 
+def _execute_ray(resolved: dict, todo, root: Path, resume: bool, workers: int, scenario_file, on_done) -> None:
+    """Run (policy, seed) pairs as Ray tasks (the ``ray`` extra); results equal the serial run's."""
+    try:
+        import ray
+    except ImportError:
+        raise RecloopInputError("executor 'ray' needs the ray extra: pip install 'recloop[ray]'.",
+                                key="--executor") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True)
+    try:
+        task = ray.remote(num_cpus=1)(_run_one_resolved)
+        refs = {task.remote(resolved, p, s, str(root), resume, scenario_file): (p, s) for p, s in todo}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            on_done(*refs[done[0]], ray.get(done[0]))
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def execute(scenario, root: Path, *, resume: bool, workers: int = 1, progress: bool = True,
-            scenario_file: str | None = None, manifest: dict | None = None) -> dict[str, Any]:
+            scenario_file: str | None = None, manifest: dict | None = None, executor: str = "process") -> dict[str, Any]:
     store = RunStore(root)
     manifest = manifest or store.read_manifest()
     jobs = [(p, s) for p in scenario.policy_configs() for s in scenario.seeds()]
@@ -172,8 +208,16 @@ def execute(scenario, root: Path, *, resume: bool, workers: int = 1, progress: b
     manifest["status"] = "running"
     store.write_manifest(manifest)
     prog, update = _progress_ui(progress and workers <= 1)
+    def on_done(p, s, entry):
+        manifest["runs"][run_key(p, s)] = entry
+        store.write_manifest(manifest)
+        if progress and (workers > 1 or executor == "ray"):
+            print(f"finished {run_key(p, s)}", file=sys.stderr)
+
     try:
-        if workers <= 1:
+        if executor == "ray":
+            _execute_ray(scenario.resolved(), todo, root, resume, workers, scenario_file, on_done)
+        elif workers <= 1:
             ctx = prog if prog is not None else _Null()
             with ctx:
                 for p, s in todo:
@@ -187,11 +231,7 @@ def execute(scenario, root: Path, *, resume: bool, workers: int = 1, progress: b
                 futs = {pool.submit(_run_one_resolved, resolved, p, s, str(root), resume, scenario_file): (p, s)
                         for p, s in todo}
                 for fut in as_completed(futs):
-                    p, s = futs[fut]
-                    manifest["runs"][run_key(p, s)] = fut.result()
-                    store.write_manifest(manifest)
-                    if progress:
-                        print(f"finished {run_key(p, s)}", file=sys.stderr)
+                    on_done(*futs[fut], fut.result())
     except KeyboardInterrupt:
         manifest["status"] = "interrupted"
         store.write_manifest(manifest)
@@ -205,6 +245,11 @@ def execute(scenario, root: Path, *, resume: bool, workers: int = 1, progress: b
     manifest["status"] = "complete"
     manifest["finished"] = datetime.now(timezone.utc).isoformat()
     manifest["timings"] = _aggregate(manifest["runs"])
+    llm_runs = [r["llm"] for r in manifest["runs"].values() if isinstance(r.get("llm"), dict)]
+    if llm_runs:
+        from recloop.recommenders.llm.service import sum_accounting
+
+        manifest["llm"] = sum_accounting(llm_runs)
     store.write_manifest(manifest)
     return manifest
 
@@ -218,7 +263,7 @@ class _Null:
 
 
 def run_scenario(scenario, out, *, seed: int | None = None, steps: int | None = None, overwrite: bool = False,
-                 workers: int = 1, progress: bool = True) -> dict[str, Any]:
+                 workers: int = 1, progress: bool = True, executor: str = "process") -> dict[str, Any]:
     """Run ``scenario`` (a path or a loaded Scenario) into the run directory ``out``."""
     scenario_file = None
     if isinstance(scenario, (str, Path)):
@@ -235,6 +280,8 @@ def run_scenario(scenario, out, *, seed: int | None = None, steps: int | None = 
             scenario = validate_mapping({**scenario.resolved(), **upd})
     if workers < 1:
         raise RecloopInputError(f"--workers must be at least 1 (got {workers}).", key="--workers")
+    if executor not in ("process", "ray"):
+        raise RecloopInputError(f"unknown executor '{executor}'; allowed: process, ray.", key="--executor")
     root = Path(out)
     store = RunStore(root)
     store.prepare(overwrite=overwrite)
@@ -258,10 +305,10 @@ def run_scenario(scenario, out, *, seed: int | None = None, steps: int | None = 
     }
     store.write_manifest(manifest)
     return execute(scenario, root, resume=False, workers=workers, progress=progress, scenario_file=scenario_file,
-                   manifest=manifest)
+                   manifest=manifest, executor=executor)
 
 
-def resume_run(out, *, workers: int = 1, progress: bool = True) -> dict[str, Any]:
+def resume_run(out, *, workers: int = 1, progress: bool = True, executor: str = "process") -> dict[str, Any]:
     """Continue an interrupted run from its latest checkpoints; ends identical to an uninterrupted run."""
     root = Path(out)
     store = RunStore(root)
@@ -276,4 +323,4 @@ def resume_run(out, *, workers: int = 1, progress: bool = True) -> dict[str, Any
         raise RecloopInputError("scenario.yaml no longer matches the run's config hash; it was edited after the "
                                 "run started. Restore it or start a new run.", file=str(scen_path))
     return execute(scenario, root, resume=True, workers=workers, progress=progress, scenario_file=str(scen_path),
-                   manifest=manifest)
+                   manifest=manifest, executor=executor)

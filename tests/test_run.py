@@ -137,3 +137,12 @@ def test_cli_list_schema_plot(tiny_yaml, tmp_path, capsys):
     assert png.stat().st_size > 10_000
     main(["validate", str(tiny_yaml)])
     assert "ok:" in capsys.readouterr().out
+
+
+def test_ray_executor_matches_serial(tiny_yaml, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is installed by scripts/setup.sh")
+    run_scenario(tiny_yaml, tmp_path / "serial", progress=False, steps=4)
+    run_scenario(tiny_yaml, tmp_path / "ray", progress=False, steps=4, executor="ray", workers=2)
+    a = pl.read_parquet(tmp_path / "serial" / "metrics.parquet")
+    b = pl.read_parquet(tmp_path / "ray" / "metrics.parquet")
+    assert a.equals(b)
