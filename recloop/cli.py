@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -107,10 +108,12 @@ def list_components(kind: Optional[str] = typer.Argument(None, help="only this k
             params = []
             for name, field in spec.params.model_fields.items():
                 default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-                ann = getattr(field.annotation, "__name__", str(field.annotation)).replace("typing.", "")
+                ann = str(field.annotation) if typing.get_args(field.annotation) else \
+                    getattr(field.annotation, "__name__", str(field.annotation))
+                ann = ann.replace("typing.", "")
                 desc = f" — {field.description}" if field.description else ""
                 params.append(f"{field.alias or name}: {ann} = {default}{desc}")
-            doc = spec.doc.split("\n\n")[0]
+            doc = " ".join(spec.doc.split("\n\n")[0].split())
             if issubclass(spec.cls, MetricComponent):
                 doc += "\n" + "\n".join(f"• {m}: {d}" for m, d in spec.cls.METRICS.items())
             table.add_row(spec.name, doc, "\n".join(params) or "—")
