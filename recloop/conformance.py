@@ -108,10 +108,21 @@ def check_policy(name: str, params: dict | None = None, k: int = 5, seed: int = 
 
 
 def check_choice(name: str, params: dict | None = None, seed: int = 1) -> None:
+    """Choice models; one that needs a particular world (e.g. ``replay`` needs a real log) names it in
+    an ``example_world`` class attribute."""
     cfg = _params("choice", name, params)
-    model = registry.build("choice", cfg)
+    spec = registry.get("choice", name)
+    world_cfg = getattr(spec.cls, "example_world", None)
+    generator = None
+    n = 200
+    if world_cfg is not None:
+        generator, w = tiny_world(seed, world_cfg)
+        n = w.users.n
+    model = registry.build("choice", cfg, seed=seed, generator=generator)
+    if hasattr(model, "choose_many"):
+        return _check_choose_many(name, model, n, seed)
     rng = np.random.default_rng(seed)
-    n, k = 200, 6
+    k = 6
     util = rng.random((n, k)).astype(np.float32)
     valid = rng.random((n, k)) > 0.2
     users = np.arange(n, dtype=np.int64)
@@ -131,6 +142,25 @@ def check_choice(name: str, params: dict | None = None, seed: int = 1) -> None:
     probs = model.probabilities(util, valid)
     if probs is not None:
         assert np.allclose(probs.sum(axis=1), 1.0), f"choice {name}: probabilities do not sum to 1"
+    pickle.loads(pickle.dumps(model))
+
+
+def _check_choose_many(name: str, model, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k = 6
+    util = rng.random((n, k)).astype(np.float32)
+    valid = rng.random((n, k)) > 0.2
+    users = np.arange(n, dtype=np.int64)
+    u0, v0 = util.copy(), valid.copy()
+    key = derive_key(seed, "choice", 0)
+    acc = model.choose_many(util, valid, users, key, step=0)
+    assert np.array_equal(util, u0) and np.array_equal(valid, v0), f"choice {name}: modified its inputs"
+    assert acc.shape == (n, k) and acc.dtype == bool, f"choice {name}: choose_many must return (n, k) bool"
+    assert not (acc & ~valid).any(), f"choice {name}: accepted an invalid slot"
+    assert np.array_equal(acc, model.choose_many(util, valid, users, key, step=0)), f"choice {name}: not deterministic"
+    half = np.concatenate([model.choose_many(util[:n // 3], valid[:n // 3], users[:n // 3], key, step=0),
+                           model.choose_many(util[n // 3:], valid[n // 3:], users[n // 3:], key, step=0)])
+    assert np.array_equal(acc, half), f"choice {name}: depends on how users are chunked"
     pickle.loads(pickle.dumps(model))
 
 

@@ -76,7 +76,10 @@ def _scan(row, lo, hi, k, vals, idx, offset):
 
 
 @njit(cache=True, nogil=True)
-def _topk_one(row, k, excl, vals, idx):
+def _topk_one(row, k, excl, out_val, out_idx):
+    # the buffer lives in local arrays (no aliasing with the score row), copied out at the end
+    vals = np.empty(k, np.float32)
+    idx = np.empty(k, np.int64)
     for p in range(k):
         vals[p] = -np.inf
         idx[p] = -1
@@ -84,20 +87,23 @@ def _topk_one(row, k, excl, vals, idx):
     ne = excl.shape[0]
     if ne == 0:
         _scan(row, 0, m, k, vals, idx, 0)
-        return
-    ex = excl
-    if ne > 1:
-        ex = np.sort(excl)
-    lo = 0
-    e = 0
-    while lo < m:
-        while e < ne and ex[e] < lo:  # merge-walk the sorted exclusion list (duplicates are fine)
-            e += 1
-        hi = m
-        if e < ne and ex[e] < m:
-            hi = ex[e]
-        _scan(row, lo, hi, k, vals, idx, 0)
-        lo = hi + 1
+    else:
+        ex = excl
+        if ne > 1:
+            ex = np.sort(excl)
+        lo = 0
+        e = 0
+        while lo < m:
+            while e < ne and ex[e] < lo:  # merge-walk the sorted exclusion list (duplicates are fine)
+                e += 1
+            hi = m
+            if e < ne and ex[e] < m:
+                hi = ex[e]
+            _scan(row, lo, hi, k, vals, idx, 0)
+            lo = hi + 1
+    for p in range(k):
+        out_val[p] = vals[p]
+        out_idx[p] = idx[p]
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -284,6 +284,7 @@ def run_scenario(scenario, out, *, seed: int | None = None, steps: int | None = 
         raise RecloopInputError(f"unknown executor '{executor}'; allowed: process, ray.", key="--executor")
     root = Path(out)
     store = RunStore(root)
+    existed = root.exists()
     store.prepare(overwrite=overwrite)
     from recloop.sim.store import atomic_write_text
 
@@ -304,8 +305,17 @@ def run_scenario(scenario, out, *, seed: int | None = None, steps: int | None = 
         "runs": {},
     }
     store.write_manifest(manifest)
-    return execute(scenario, root, resume=False, workers=workers, progress=progress, scenario_file=scenario_file,
-                   manifest=manifest, executor=executor)
+    try:
+        return execute(scenario, root, resume=False, workers=workers, progress=progress, scenario_file=scenario_file,
+                       manifest=manifest, executor=executor)
+    except RecloopInputError:
+        # bad input found while building the world (a data set, k > catalog, ...): nothing was simulated,
+        # so leave no half-made run directory behind
+        if not any(store.parts_dir.glob("*.parquet")) and not (root / "checkpoints").exists():
+            store.remove_run_files()
+            if not existed and root.is_dir() and not any(root.iterdir()):
+                root.rmdir()
+        raise
 
 
 def resume_run(out, *, workers: int = 1, progress: bool = True, executor: str = "process") -> dict[str, Any]:

@@ -78,12 +78,7 @@ class RunStore:
                 raise RecloopInputError(
                     "the output directory holds files that are not a recloop run; refusing to overwrite them "
                     "even with --overwrite. Choose an empty or new directory.", file=str(root))
-            for name in RUN_FILES:
-                p = root / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            self.remove_run_files()
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / ".recloop_write_test"
@@ -93,6 +88,15 @@ class RunStore:
             raise RecloopInputError(
                 f"the output directory cannot be written ({exc.strerror or exc}). Choose a writable --out.",
                 file=str(root)) from None
+
+    def remove_run_files(self) -> None:
+        """Delete the files a run writes (never anything else in the directory)."""
+        for name in RUN_FILES:
+            p = self.root / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
 
     # -- manifest -------------------------------------------------------------------------------
     @property

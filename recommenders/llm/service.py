@@ -5,6 +5,7 @@ The scenario's ``llm:`` block (:class:`LLMConfig`) says which backend to use and
     llm:
       backend: {type: surrogate, h: 0.1, beta: 0.5}   # or {type: surrogate, params_file: calib.json}
                                                       # or {type: transformers} / {type: openai, ...}
+      cache: auto            # on for real models, off for the surrogate (true/false force it)
       cache_dir: null        # default <run_dir>/llm_cache; a shared folder lets runs replay each other
       budget: {max_calls: 5000, max_tokens: null, max_cost_usd: null}
       generation: {max_tokens: 64, temperature: 0.0}
@@ -34,7 +35,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -91,6 +92,9 @@ class LLMConfig(Params):
         description="an llm_backend component: surrogate (SurrogateParams or params_file: a JSON written "
         "by `recloop llm calibrate`), transformers, openai",
     )
+    cache: bool | Literal["auto"] = Field(
+        "auto", description="keep responses on disk: auto = on for real models, off for the surrogate (which "
+        "is deterministic and cheaper to recompute than a file read); true/false force it")
     cache_dir: str | None = Field(None, description="response cache folder; default <run_dir>/llm_cache")
     budget: BudgetConfig | None = None
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -282,9 +286,13 @@ class LLMService:
         self.label = label
         self.inner = backend if backend is not None else build_backend(config.backend, world=world,
                                                                       timeout_s=config.timeout_s)
+        use_cache = config.cache if config.cache != "auto" else not self.inner.uses_payload
         cache_dir = config.cache_dir
         if cache_dir is None and self.run_dir is not None:
             cache_dir = str(self.run_dir / "llm_cache")
+        if not use_cache:
+            cache_dir = None
+        self.cache_dir = cache_dir
         b = config.budget
         budget = Budget(b.max_calls, b.max_tokens, b.max_cost_usd) if b is not None else None
         self.backend = CachedBackend(self.inner, cache_dir, budget)
@@ -390,7 +398,7 @@ class LLMService:
                     reason = "timeout"
                 else:
                     reason = "backend_error"
-            elif tmo is not None and not resp.cached and resp.wall_s > tmo:
+            elif tmo is not None and resp.wall_s > tmo:  # cached answers keep their wall time: replays agree
                 reason = "timeout"
             elif not (resp.text or "").strip():
                 reason = "empty"

@@ -1,0 +1,883 @@
+"""R2 LLM profiler (F-PROFILE) and its risk metrics: L-PROFHALL, stereotyping and L-DEMOJSD.
+
+R2 ``llm_profiler`` (a policy)::
+
+    policy:
+      type: llm_profiler
+      base: {type: als, factors: 32}   # null: rank by the profile alone
+      weight: 1.0                      # score = z(base score) + weight * cos(profile, item)
+      refresh_every: 5                 # cycles between profile refreshes
+      users_per_refresh: 100           # seeded sample per refresh (null: every user)
+      use_demographics: false          # put age/gender/occupation into the prompt
+
+Every ``refresh_every`` cycles the profiler asks the run's LLM (role ``profiler``) for a short text
+profile of ``users_per_refresh`` users (a sample seeded by (seed, step); on the first refresh every
+user when the backend is the surrogate and there are at most ``max_first_refresh`` users), from the
+user's most recent ``history_items`` items (titles and genre names) and, with ``use_demographics``,
+the user's attributes. The profile is
+
+* parsed into atomic claims (:func:`~.parsing.parse_profile_claims`) and scored against the user's
+  history genre shares and side information (L-PROFHALL, stereotyped-claim rate), and
+* embedded with all-MiniLM-L6-v2 (:mod:`.embedding`; items are embedded once from "title — genres"),
+  and used as user features: score_ui = z_u(base score_ui) + weight · cos(profile_u, item_i), where
+  z_u standardises the base scores of user u over the catalog (closed form on factor policies, so the
+  BLAS fast path is kept). Users without a profile (not refreshed yet, or only failed answers) get the
+  base score alone; with ``base: null`` they get popularity order.
+
+The embedding is projected on the top ``project_dims`` principal directions of the initial item
+embeddings (uncentred SVD; our choice, to keep scoring cheap: the dot product with item embeddings only
+needs the part of the profile inside their span). ``project_dims: null`` keeps all 384 dimensions.
+
+Fallback on a malformed answer (empty, too long, timeout, budget spent): the user keeps the previous
+profile (or none). A profile whose text names no genre is still embedded; it has no claims (ProfHall
+undefined for it).
+
+Metric components registered here:
+
+* ``llm_profile``: per refresh, ``llm_prof_hall`` and ``llm_stereotyped_rate`` (group
+  ``role=profiler,phase=generation``) and companions; the profiles' effect on rankings
+  (``phase=recommendation``) and their stability over refreshes (``phase=feedback_loop``).
+* ``llm_demographic_bias`` (L-DEMOJSD): every ``demographic_probe.every`` cycles, a fixed
+  recommendation prompt filled with persona descriptors built from the users' attributes (gender x age
+  band, plus "unmarked"), R samples each with a fixed seed list; item and genre distributions per
+  persona -> JSD (bits) against the unmarked persona, Marked Words count and linear-SVM separability.
+  Runs only when the run has an LLM stage (it uses the run's LLM service, role ``probe``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from recloop import registry
+from recloop.analysis.collectors import MetricComponent
+from recloop.recommenders.base import Policy, PolicyContext, TrainingData
+from recloop.registry import Params, register
+from recloop.sim.rng import component_rng, derive_key, hash_u64
+
+from .parsing import parse_profile_claims, parse_title_list
+from .service import get_service, has_service
+from .types import GenerationParams, LLMRequest
+
+__all__ = [
+    "DemographicProbe",
+    "LLMProfiler",
+    "ProfileMetrics",
+    "DemographicBias",
+    "build_personas",
+    "find_profilers",
+    "GENRE_ALIASES",
+]
+
+#: Phrases a model uses for MovieLens genres (extra to plural / hyphen variants).
+GENRE_ALIASES = {
+    "science fiction": "Sci-Fi",
+    "science-fiction": "Sci-Fi",
+    "scifi": "Sci-Fi",
+    "sf": "Sci-Fi",
+    "animated": "Animation",
+    "cartoon": "Animation",
+    "kids": "Children's",
+    "children": "Children's",
+    "childrens": "Children's",
+    "family": "Children's",
+    "romantic": "Romance",
+    "romances": "Romance",
+    "noir": "Film-Noir",
+    "film noir": "Film-Noir",
+    "comedic": "Comedy",
+    "funny": "Comedy",
+    "scary": "Horror",
+    "thrilling": "Thriller",
+    "suspense": "Thriller",
+    "mysteries": "Mystery",
+    "westerns": "Western",
+    "musical": "Musical",
+    "war movies": "War",
+    "war films": "War",
+    "documentaries": "Documentary",
+    "fantasy": "Fantasy",
+    "action-packed": "Action",
+    "adventures": "Adventure",
+    "criminal": "Crime",
+    "dramas": "Drama",
+    "dramatic": "Drama",
+}
+
+ROLE = "profiler"
+GROUP_GEN = "role=profiler,phase=generation"
+GROUP_REC = "role=profiler,phase=recommendation"
+GROUP_LOOP = "role=profiler,phase=feedback_loop"
+
+
+class DemographicProbe(Params):
+    """The L-DEMOJSD probe (metric ``llm_demographic_bias``): personas from user attributes."""
+
+    every: int = Field(10, ge=0, description="cycles between probes (0: off)")
+    samples: int = Field(8, ge=2, description="R answers per persona (fixed seeds 0..R-1)")
+    n: int = Field(10, ge=1, description="titles asked per answer")
+    temperature: float = Field(0.8, ge=0.0, description="decoding temperature of the probe (real models)")
+    max_tokens: int = Field(120, ge=1, description="new tokens per probe answer")
+    attributes: list[Literal["gender", "age"]] = Field(default_factory=lambda: ["gender", "age"],
+                                                       description="attributes crossed into personas")
+    age_bands: list[int] = Field(default_factory=lambda: [25, 45], description="age band edges (years)")
+    candidates: int = Field(2000, ge=10, description="surrogate: the most popular items it may name")
+    strength: float = Field(1.0, ge=0.0, description="surrogate: tilt toward the persona's genre prior")
+
+
+def _policy_validator(v):
+    if v is None:
+        return None
+    from recloop.recommenders.pipeline import _check_component
+
+    return _check_component("policy", v)
+
+
+# ================================================================================================ helpers
+def find_profilers(policy) -> list:
+    """Every :class:`LLMProfiler` inside a policy tree (wrappers' ``base``, pipeline stages)."""
+    out, seen, stack = [], set(), [policy]
+    while stack:
+        obj = stack.pop(0)
+        if obj is None or id(obj) in seen or isinstance(obj, (dict, str, int, float, list)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, LLMProfiler):
+            out.append(obj)
+        for attr in ("base", "retrieval", "ranker", "reranker", "inner", "policy"):
+            stack.append(getattr(obj, attr, None))
+    return out
+
+
+def _age_band(age: float, edges: list[int]) -> int:
+    return int(np.searchsorted(np.asarray(sorted(edges)), age, side="right"))
+
+
+def _band_names(edges: list[int]) -> list[tuple[str, str]]:
+    """(id, phrase) per age band: ("under25", "under 25"), ("25to44", "aged 25 to 44"), ("45plus", ...)."""
+    e = sorted(int(x) for x in edges)
+    out = [(f"under{e[0]}", f"under {e[0]}")] if e else [("all", "")]
+    for a, b in zip(e, e[1:]):
+        out.append((f"{a}to{b - 1}", f"aged {a} to {b - 1}"))
+    if e:
+        out.append((f"{e[-1]}plus", f"aged {e[-1]} or over"))
+    return out
+
+
+def _gender_key(v) -> str | None:
+    s = str(v).strip().lower()
+    if s in ("f", "female", "woman", "w"):
+        return "female"
+    if s in ("m", "male", "man"):
+        return "male"
+    return None
+
+
+def demographic_groups(attributes: dict[str, np.ndarray], n: int, use: list[str], age_bands: list[int]
+                       ) -> tuple[np.ndarray, list[str], list[str]]:
+    """(group index per user (-1 = unknown), group ids, persona phrases) for gender x age band."""
+    gender = attributes.get("gender") if "gender" in use else None
+    age = attributes.get("age") if "age" in use else None
+    g_keys = ["female", "male"] if gender is not None else [None]
+    bands = _band_names(age_bands) if age is not None else [(None, "")]
+    ids, phrases = [], []
+    for g in g_keys:
+        for b, bphrase in bands:
+            noun = {"female": "a woman", "male": "a man", None: "a person"}[g]
+            ids.append("_".join(x for x in (g, b) if x))
+            phrases.append(f"{noun} {bphrase}".strip())
+    grp = np.full(n, -1, np.int64)
+    gi = np.zeros(n, np.int64)
+    ok = np.ones(n, bool)
+    if gender is not None:
+        keys = [_gender_key(v) for v in np.asarray(gender)[:n]]
+        gi = np.array([0 if k == "female" else 1 if k == "male" else -1 for k in keys], np.int64)
+        ok &= gi >= 0
+    bi = np.zeros(n, np.int64)
+    if age is not None:
+        a = np.asarray(age, np.float64)[:n]
+        bi = np.array([_age_band(x, age_bands) if np.isfinite(x) and x > 0 else -1 for x in a], np.int64)
+        ok &= bi >= 0
+    grp[ok] = gi[ok] * len(bands) + bi[ok]
+    return grp, ids, phrases
+
+
+def build_personas(world, cfg: DemographicProbe) -> list[tuple[str, str, np.ndarray]]:
+    """[(persona id, descriptor, member mask over users)], "unmarked" first (mask: every user).
+
+    Empty when the world's users carry neither gender nor age.
+    """
+    n = world.users.n
+    attrs = world.users.attributes or {}
+    use = [a for a in cfg.attributes if a in attrs]
+    if not use:
+        return []
+    grp, ids, phrases = demographic_groups(attrs, n, use, cfg.age_bands)
+    out = [("unmarked", "a user", np.ones(n, bool))]
+    for g, (pid, phrase) in enumerate(zip(ids, phrases, strict=True)):
+        out.append((pid, phrase, grp == g))
+    return out
+
+
+def _describe_user(attrs: dict[str, np.ndarray], u: int) -> str:
+    """'The user is a 24-year-old man who works as a technician.' (whatever attributes exist)."""
+    parts = []
+    age = attrs.get("age")
+    gender = attrs.get("gender")
+    occ = attrs.get("occupation")
+    noun = "person"
+    if gender is not None:
+        noun = {"female": "woman", "male": "man"}.get(_gender_key(gender[u]) or "", "person")
+    if age is not None and float(age[u]) > 0:
+        parts.append(f"a {int(age[u])}-year-old {noun}")
+    else:
+        parts.append(f"a {noun}")
+    text = "The user is " + parts[0]
+    if occ is not None and str(occ[u]) and str(occ[u]).lower() not in ("none", "other", ""):
+        text += f" who works as {'an' if str(occ[u])[0].lower() in 'aeiou' else 'a'} {occ[u]}"
+    others = [k for k in attrs if k not in ("age", "gender", "occupation")]
+    if others:
+        text += " (" + ", ".join(f"{k}: {attrs[k][u]}" for k in others) + ")"
+    return text + "."
+
+
+def _side_info(attrs: dict[str, np.ndarray], u: int) -> dict[str, Any] | None:
+    if not attrs:
+        return None
+    out: dict[str, Any] = {}
+    for k, col in attrs.items():
+        if u < len(col):
+            v = col[u]
+            out[k] = float(v) if isinstance(v, (int, float, np.integer, np.floating)) else str(v)
+    if "gender" in out:
+        g = _gender_key(out["gender"])
+        if g:
+            out["gender"] = g
+    return out
+
+
+def _item_genre_names(world, item: int, max_genres: int = 3) -> list[str]:
+    row = world.items.genres[item]
+    names = world.items.genre_names
+    nz = np.flatnonzero(row > 0)
+    if len(nz) == len(row):  # uniform = unknown genres
+        return []
+    order = nz[np.argsort(-row[nz], kind="stable")][:max_genres]
+    return [names[g] for g in order]
+
+
+def item_texts(world, start: int = 0, end: int | None = None) -> list[str]:
+    """The embedded text of items: 'Title — Genre, Genre'."""
+    end = world.items.n if end is None else end
+    out = []
+    for i in range(start, end):
+        g = _item_genre_names(world, i)
+        out.append(f"{world.items.titles[i]} — {', '.join(g)}" if g else str(world.items.titles[i]))
+    return out
+
+
+# ================================================================================================ R2
+@register("policy", "llm_profiler")
+class LLMProfiler(Policy):
+    """R2 profiler (F-PROFILE): LLM text profiles from users' histories (refreshed every n cycles),
+    embedded with all-MiniLM-L6-v2 and used as user features: score = z(base score) + weight·cos(profile,
+    item). Measures L-PROFHALL and stereotyped claims per refresh (metric llm_profile)."""
+
+    llm_role = "profiler"
+    example_params = {"base": {"type": "popularity"}, "users_per_refresh": 5, "embedder": "hashing"}
+
+    class Params(Params):
+        base: dict | None = Field(default_factory=lambda: {"type": "als"},
+                                  description="the policy whose scores the profile adjusts (null: profile only)")
+        weight: float = Field(1.0, description="weight of cos(profile, item) against the standardised base score")
+        refresh_every: int = Field(5, ge=1, description="cycles between profile refreshes")
+        users_per_refresh: int | None = Field(100, ge=1, description="users profiled per refresh (null: all)")
+        first_refresh_all: bool = Field(True, description="profile every user on the first refresh when the "
+                                        "backend is the surrogate (and users <= max_first_refresh)")
+        max_first_refresh: int = Field(20000, ge=1, description="cap for first_refresh_all")
+        use_demographics: bool = Field(False, description="put the user's attributes into the prompt")
+        history_items: int = Field(15, ge=1, description="most recent history items shown in the prompt")
+        n_claims: int = Field(3, ge=1, description="surrogate: claims per profile")
+        max_tokens: int | None = Field(80, ge=1, description="new tokens per profile (null: llm.generation)")
+        item_noun: str = Field("movies", description="what the items are called in the prompt")
+        prompt: str | None = Field(None, description="template with {history}, {demographics}, {noun}")
+        embedder: Literal["minilm", "hashing"] = Field("minilm", description="all-MiniLM-L6-v2 (default) or a "
+                                                       "model-free hashing embedder (explicit choice only)")
+        embed_cache_dir: str | None = Field(None, description="embedding cache folder (default "
+                                            "$RECLOOP_EMBED_CACHE or ~/.cache/recloop/embeddings)")
+        embed_batch: int = Field(64, ge=1, description="texts per embedding batch")
+        project_dims: int | None = Field(64, ge=1, description="principal directions of the item embeddings "
+                                         "kept for scoring (null: all 384)")
+        tau_like: float = Field(0.2, ge=0.0, le=1.0, description="L-PROFHALL τ_like")
+        tau_dis: float = Field(0.05, ge=0.0, le=1.0, description="L-PROFHALL τ_dis")
+        demographic_probe: DemographicProbe = Field(default_factory=DemographicProbe,
+                                                    description="settings of the llm_demographic_bias metric")
+
+        @field_validator("base")
+        @classmethod
+        def _base(cls, v):
+            return _policy_validator(v)
+
+    DEFAULT_PROMPT = (
+        "Here are {noun} a user watched, most recent first:\n{history}\n{demographics}\n"
+        "Describe this user's taste in two or three short sentences: say which genres they like "
+        "and which they dislike."
+    )
+
+    def __init__(self, params=None, *, context: PolicyContext | None = None, **kw):
+        super().__init__(params, context=context, **kw)
+        p = self.params
+        self.base = registry.build("policy", p.base, context=self.context) if p.base is not None else None
+        self.online = bool(self.base and self.base.online)
+        self.uses_ground_truth = bool(self.base and self.base.uses_ground_truth)
+        self.service = get_service(self.context)
+        self._embedder = None
+        # state (checkpointed)
+        self.profiles = np.zeros((0, 0), np.float32)  # (n_users, 384) raw profile embeddings
+        self.has_profile = np.zeros(0, bool)
+        self.texts: dict[int, str] = {}  # the latest profile text per user
+        self.last_refresh = -1
+        self.seq = 0
+        self.reports: list[dict[str, Any]] = []  # the last few refreshes (metric llm_profile reads them)
+        self.hist_ptr = np.zeros(1, np.int64)  # recency-ordered training-data histories (CSR)
+        self.hist_items = np.zeros(0, np.int64)
+        self.priors = np.zeros((0, 0))  # genre prior per demographic group (row -1 = population)
+        self.user_group = np.zeros(0, np.int64)
+        self.pop = np.zeros(0)
+        self.proj: np.ndarray | None = None  # (384, r) projection, fixed at first use
+        self.version = 0
+        # caches (not checkpointed)
+        self._item_emb = np.zeros((0, 0), np.float32)
+        self._factor_cache: tuple | None = None
+
+    # -- embedding ----------------------------------------------------------------------------------
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from .embedding import get_embedder
+
+            p = self.params
+            self._embedder = get_embedder(p.embedder, cache_dir=p.embed_cache_dir, batch_size=p.embed_batch)
+        return self._embedder
+
+    def item_embeddings(self, world) -> np.ndarray:
+        """(n_items, 384) embeddings of 'title — genres' (embedded once; new items on arrival)."""
+        n = world.items.n
+        have = self._item_emb.shape[0]
+        if have < n:
+            new = self.embedder.encode(item_texts(world, have, n))
+            self._item_emb = new if have == 0 else np.concatenate([self._item_emb, new])
+        if self.proj is None and self.params.project_dims is not None:
+            e = self._item_emb[:n].astype(np.float64)
+            r = min(self.params.project_dims, e.shape[1], e.shape[0])
+            _, _, vt = np.linalg.svd(e, full_matrices=False)
+            self.proj = vt[:r].T.astype(np.float32)
+        return self._item_emb[:n]
+
+    def _project(self, x: np.ndarray) -> np.ndarray:
+        return x if self.proj is None else x @ self.proj
+
+    def _ensure_users(self, n: int, dim: int) -> None:
+        if self.profiles.shape[1] != dim:
+            self.profiles = np.zeros((self.profiles.shape[0], dim), np.float32)
+        if self.profiles.shape[0] < n:
+            pad = n - self.profiles.shape[0]
+            self.profiles = np.concatenate([self.profiles, np.zeros((pad, dim), np.float32)])
+            self.has_profile = np.concatenate([self.has_profile, np.zeros(pad, bool)])
+
+    # -- training -----------------------------------------------------------------------------------
+    def fit(self, data: TrainingData, world, *, step: int, rng, warm_start: bool) -> None:
+        if self.base is not None:
+            self.base.fit(data, world, step=step, rng=rng, warm_start=warm_start)
+        n_users = max(data.n_users, world.users.n)
+        # recency-ordered histories: by user, then newest step first, then later log rows first
+        rows = np.arange(len(data.users))
+        order = np.lexsort((-rows, -data.steps.astype(np.int64), data.users))
+        users, items = data.users[order], data.items[order]
+        # keep each (user, item) once (its most recent occurrence)
+        key = users.astype(np.int64) * (max(data.n_items, world.items.n) + 1) + items
+        _, first = np.unique(key, return_index=True)
+        keep = np.sort(first)
+        users, items = users[keep], items[keep]
+        self.hist_ptr = np.zeros(n_users + 1, np.int64)
+        np.cumsum(np.bincount(users, minlength=n_users), out=self.hist_ptr[1:])
+        self.hist_items = items.astype(np.int64)
+        self.pop = data.popularity()
+        # genre priors: population and per demographic group (mean history genre share)
+        G = world.items.genres.shape[1]
+        lens = np.diff(self.hist_ptr)
+        owner = np.repeat(np.arange(n_users), lens)
+        shares = np.zeros((n_users, G))
+        if len(items):
+            np.add.at(shares, owner, world.items.genres[items])
+        has = lens > 0
+        shares[has] /= lens[has, None]
+        pop_prior = shares[has].mean(axis=0) if has.any() else np.full(G, 1.0 / G)
+        attrs = world.users.attributes or {}
+        cfg = self.params.demographic_probe
+        use = [a for a in cfg.attributes if a in attrs]
+        if use:
+            grp, ids, _ = demographic_groups(attrs, world.users.n, use, cfg.age_bands)
+        else:
+            grp, ids = np.full(world.users.n, -1, np.int64), []
+        grp = np.concatenate([grp, np.full(max(0, n_users - len(grp)), -1, np.int64)])[:n_users]
+        priors = np.tile(pop_prior, (len(ids) + 1, 1))
+        for g in range(len(ids)):
+            sel = (grp == g) & has
+            if sel.any():
+                priors[g] = shares[sel].mean(axis=0)
+        self.priors = priors  # row -1 = population
+        self.user_group = grp
+        self.version += 1
+
+    def update(self, feedback, world):
+        if self.base is not None and self.base.online:
+            self.base.update(feedback, world)
+            self.version += 1
+
+    # -- profiles -----------------------------------------------------------------------------------
+    def _history(self, u: int) -> np.ndarray:
+        if u + 1 >= len(self.hist_ptr):
+            return np.zeros(0, np.int64)
+        return self.hist_items[self.hist_ptr[u]: self.hist_ptr[u + 1]]
+
+    def _select(self, world, step: int) -> np.ndarray:
+        p = self.params
+        n = min(world.users.n, len(self.hist_ptr) - 1)
+        lens = np.diff(self.hist_ptr[: n + 1])
+        eligible = np.flatnonzero((lens > 0) & world.users.active[:n])
+        k = len(eligible) if p.users_per_refresh is None else min(p.users_per_refresh, len(eligible))
+        if self.last_refresh < 0 and p.first_refresh_all and self.service.uses_payload \
+                and len(eligible) <= p.max_first_refresh:
+            k = len(eligible)
+        if k >= len(eligible):
+            return eligible
+        rng = component_rng(self.context.seed, "llm_profiler.refresh", step)
+        return np.sort(rng.choice(eligible, size=k, replace=False))
+
+    def maybe_refresh(self, world, step: int) -> None:
+        """Refresh the profiles at cycles 0, refresh_every, 2·refresh_every, ... (once per cycle)."""
+        if step % self.params.refresh_every != 0 or step <= self.last_refresh:
+            return
+        self.refresh(world, step)
+
+    def refresh(self, world, step: int) -> dict[str, Any]:
+        """One profiling round: prompt, generate, parse, score (ProfHall), embed. Returns its report."""
+        from recloop.analysis import llm_metrics as L
+
+        p = self.params
+        svc = self.service
+        users = self._select(world, step)
+        self.last_refresh = step
+        genres = world.items.genres
+        names = list(world.items.genre_names)
+        attrs = world.users.attributes or {}
+        seeds = hash_u64(derive_key(self.context.seed, "llm_profiler.seed", step), users)
+        reqs, shares_l, prior_l = [], [], []
+        catalog = svc.catalog_fingerprint() if svc.uses_payload else None
+        template = p.prompt or self.DEFAULT_PROMPT
+        for r, u in enumerate(users.tolist()):
+            h = self._history(u)
+            share = genres[h].mean(axis=0).astype(np.float64)
+            g = int(self.user_group[u]) if u < len(self.user_group) else -1
+            prior = self.priors[g] if (p.use_demographics and g >= 0) else self.priors[-1]
+            shares_l.append(share)
+            prior_l.append(self.priors[g] if g >= 0 else self.priors[-1])
+            shown = h[: p.history_items]
+            lines = []
+            for i in shown.tolist():
+                gn = _item_genre_names(world, i)
+                lines.append(f"- {world.items.titles[i]}" + (f" ({', '.join(gn)})" if gn else ""))
+            demo = (_describe_user(attrs, u) + "\n") if (p.use_demographics and attrs) else ""
+            prompt = template.format(history="\n".join(lines), demographics=demo, noun=p.item_noun)
+            payload: dict[str, Any] = {}
+            if svc.uses_payload:
+                payload = {"history_genre_shares": share, "genre_prior": prior, "genres": names,
+                           "n_claims": p.n_claims, "seed": int(seeds[r]), "user": u, "catalog": catalog}
+            reqs.append(LLMRequest(prompt, "profile", payload))
+        params = svc.params
+        if p.max_tokens is not None:
+            params = GenerationParams(max_tokens=p.max_tokens, temperature=params.temperature, seed=params.seed,
+                                      top_p=params.top_p)
+        responses = svc.generate(reqs, ROLE, step=step, params=params) if reqs else []
+
+        ok_users, ok_texts = [], []
+        per_user: list[dict[str, Any]] = []
+        n_failed = 0
+        for r, (req, resp) in enumerate(zip(reqs, responses, strict=True)):
+            u = int(users[r])
+            if resp.failed:
+                n_failed += 1
+                continue
+            text = resp.text.strip()
+            claims = parse_profile_claims(text, names, aliases=GENRE_ALIASES)
+            side = _side_info(attrs, u)
+            ph = L.profile_hallucination(claims, shares_l[r], names, tau_like=p.tau_like, tau_dis=p.tau_dis,
+                                         side_info=side, prior=prior_l[r])
+            per_user.append({"user": u, "claims": claims, "prof_hall": ph["prof_hall"],
+                             "stereotyped_rate": ph["stereotyped_rate"], "n_claims": int(ph["n_claims"]),
+                             "n_supported": int(ph["n_supported"]),
+                             "demographic_claims": sum(1 for c in claims if c[0] == "claims"),
+                             "shares": {names[g]: round(float(s), 4) for g, s in enumerate(shares_l[r]) if s > 0},
+                             "demographics": side})
+            ok_users.append(u)
+            ok_texts.append(text)
+            self.texts[u] = text
+        if n_failed:
+            svc.count_fallback(ROLE, n_failed)
+
+        stability = float("nan")
+        if ok_users:
+            emb = self.embedder.encode(ok_texts)
+            self._ensure_users(max(world.users.n, max(ok_users) + 1), emb.shape[1])
+            idx = np.asarray(ok_users, np.int64)
+            had = self.has_profile[idx]
+            if had.any():
+                stability = float(np.mean(np.einsum("nd,nd->n", self.profiles[idx[had]], emb[had])))
+            self.profiles[idx] = emb
+            self.has_profile[idx] = True
+            self.version += 1
+        ph_vals = [d["prof_hall"] for d in per_user if np.isfinite(d["prof_hall"])]
+        st_vals = [d["stereotyped_rate"] for d in per_user if np.isfinite(d["stereotyped_rate"])]
+        n_claims = sum(d["n_claims"] for d in per_user)
+        stats = {
+            "prof_hall": float(np.mean(ph_vals)) if ph_vals else float("nan"),
+            "prof_hall_micro": (1.0 - sum(d["n_supported"] for d in per_user) / n_claims) if n_claims
+            else float("nan"),
+            "stereotyped_rate": float(np.mean(st_vals)) if st_vals else float("nan"),
+            "claims_per_profile": n_claims / len(per_user) if per_user else float("nan"),
+            "demographic_claim_share": (sum(d["demographic_claims"] for d in per_user) / n_claims) if n_claims
+            else float("nan"),
+            "no_claim_share": (sum(1 for d in per_user if d["n_claims"] == 0) / len(per_user)) if per_user
+            else float("nan"),
+            "malformed_rate": n_failed / len(users) if len(users) else float("nan"),
+            "profiles": float(len(ok_users)),
+            "stability": stability,
+        }
+        self.seq += 1
+        report = {"seq": self.seq, "step": step, "stats": stats, "users": per_user}
+        self.reports.append(report)
+        del self.reports[:-4]
+        return report
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def _profile_matrix(self, world) -> tuple[np.ndarray, np.ndarray]:
+        """(projected profiles (cap, r) scaled by weight, projected item embeddings (n_items, r))."""
+        E = self.item_embeddings(world)
+        cap = max(world.users.prefs.shape[0], world.users.n)
+        self._ensure_users(cap, E.shape[1])
+        P = self._project(self.profiles[:cap]) * np.float32(self.params.weight)
+        return P.astype(np.float32), self._project(E).astype(np.float32)
+
+    def factors(self, world):
+        n_items = world.items.n
+        key = (self.version, n_items, world.users.n, world.users.prefs.shape[0])
+        if self._factor_cache is not None and self._factor_cache[0] == key:
+            return self._factor_cache[1]
+        base_f = self.base.factors(world) if self.base is not None else None
+        if self.base is not None and base_f is None:
+            return None  # a base without factors: score() handles it
+        P, E = self._profile_matrix(world)
+        cap = P.shape[0]
+        if base_f is None:  # profile only; popularity breaks ties (and orders users without a profile)
+            pop = np.zeros(n_items)
+            pop[: min(n_items, len(self.pop))] = self.pop[:n_items]
+            lp = np.log1p(pop)
+            b = (1e-3 * (lp - lp.mean()) / (lp.std() or 1.0)).astype(np.float32)
+            out = (P, E, b)
+        else:
+            U, V, b = base_f
+            U = np.asarray(U, np.float64)
+            V = np.asarray(V[:n_items], np.float64)
+            bb = np.zeros(n_items) if b is None else np.asarray(b[:n_items], np.float64)
+            Ut = np.concatenate([U, np.ones((U.shape[0], 1))], axis=1)
+            Vt = np.concatenate([V, bb[:, None]], axis=1)
+            m = Vt.mean(axis=0)
+            C = np.cov(Vt, rowvar=False, bias=True) if n_items > 1 else np.zeros((Vt.shape[1],) * 2)
+            C = np.atleast_2d(C)
+            mu = Ut @ m
+            sd = np.sqrt(np.maximum(np.einsum("nf,fg,ng->n", Ut, C, Ut), 0.0))
+            sd = np.where(sd > 1e-12, sd, 1.0)
+            rows = max(cap, Ut.shape[0])
+            Uz = np.zeros((rows, Vt.shape[1] + 1), np.float32)
+            Uz[: Ut.shape[0], :-1] = Ut / sd[:, None]
+            Uz[: Ut.shape[0], -1] = -mu / sd
+            Pz = np.zeros((rows, P.shape[1]), np.float32)
+            Pz[: P.shape[0]] = P
+            Ufull = np.concatenate([Uz, Pz], axis=1)
+            Vfull = np.concatenate([Vt, np.ones((n_items, 1)), E], axis=1).astype(np.float32)
+            out = (np.ascontiguousarray(Ufull), np.ascontiguousarray(Vfull), None)
+        self._factor_cache = (key, out)
+        return out
+
+    def base_scores(self, users: np.ndarray, world, step: int = 0) -> np.ndarray:
+        """Per-user standardised base scores (len(users), n_items) (popularity order for base: null)."""
+        users = np.asarray(users, np.int64)
+        n_items = world.items.n
+        if self.base is None:
+            pop = np.zeros(n_items)
+            pop[: min(n_items, len(self.pop))] = self.pop[:n_items]
+            lp = np.log1p(pop)
+            return np.tile((1e-3 * (lp - lp.mean()) / (lp.std() or 1.0)).astype(np.float32), (len(users), 1))
+        s = np.asarray(self.base.score(users, world, step), np.float64)[:, :n_items]
+        s = np.where(np.isfinite(s), s, np.nan)
+        mu = np.nanmean(s, axis=1, keepdims=True)
+        sd = np.nanstd(s, axis=1, keepdims=True)
+        z = (s - mu) / np.where(sd > 1e-12, sd, 1.0)
+        return np.where(np.isfinite(z), z, -1e9).astype(np.float32)
+
+    def score(self, users, world, step=0):
+        self.maybe_refresh(world, step)
+        f = self.factors(world)
+        if f is not None:
+            return super().score(users, world, step)
+        P, E = self._profile_matrix(world)
+        users = np.asarray(users, np.int64)
+        return self.base_scores(users, world, step) + P[users] @ E.T
+
+    def score_pairs(self, users, items, world, step=0):
+        self.maybe_refresh(world, step)
+        return super().score_pairs(users, items, world, step)
+
+    def recommend(self, users, k, world, *, exclude=None, step=0, engine=None, on_chunk=None):
+        self.maybe_refresh(world, step)
+        return super().recommend(users, k, world, exclude=exclude, step=step, engine=engine, on_chunk=on_chunk)
+
+    def rank_shift(self, users: np.ndarray, k: int, world, step: int = 0) -> float:
+        """Mean 1 − |top-k(base) ∩ top-k(base + profile)| / k over ``users`` with a profile (unfiltered)."""
+        users = np.asarray(users, np.int64)
+        users = users[(users < len(self.has_profile)) & self.has_profile[np.minimum(users, max(len(self.has_profile)
+                                                                                             - 1, 0))]] \
+            if len(self.has_profile) else users[:0]
+        if len(users) == 0:
+            return float("nan")
+        P, E = self._profile_matrix(world)
+        base = self.base_scores(users, world, step)
+        full = base + P[users] @ E.T
+        kk = min(k, base.shape[1])
+        a = np.argpartition(-base, kk - 1, axis=1)[:, :kk]
+        b = np.argpartition(-full, kk - 1, axis=1)[:, :kk]
+        inter = np.array([len(np.intersect1d(x, y)) for x, y in zip(a, b, strict=True)])
+        return float(np.mean(1.0 - inter / kk))
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    _STATE = ("profiles", "has_profile", "texts", "last_refresh", "seq", "reports", "hist_ptr", "hist_items",
+              "priors", "user_group", "pop", "proj", "version")
+
+    def state_dict(self) -> dict[str, Any]:
+        st = {k: copy.deepcopy(getattr(self, k)) for k in self._STATE}
+        st["base"] = self.base.state_dict() if self.base is not None else None
+        return st
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self._STATE:
+            setattr(self, k, copy.deepcopy(state[k]))
+        if self.base is not None and state.get("base") is not None:
+            self.base.load_state_dict(state["base"])
+        self._factor_cache = None
+        self.version += 1
+
+    def run_report(self) -> dict[str, Any]:
+        return {"llm_profiler": {"refreshes": int(self.seq), "profiled_users": int(self.has_profile.sum())}}
+
+
+# ================================================================================================ metrics
+@register("metric", "llm_profile")
+class ProfileMetrics(MetricComponent):
+    """L-PROFHALL and stereotyping of R2 profiles per refresh (role=profiler, phase=generation), the
+    profiles' effect on rankings (phase=recommendation) and their stability (phase=feedback_loop).
+    Emits nothing in runs without an llm_profiler policy."""
+
+    METRICS = {
+        "llm_prof_hall": "L-PROFHALL: 1 − precision of profile claims, mean over profiles (refresh cycles)",
+        "llm_prof_hall_micro": "L-PROFHALL pooled over all claims of the refresh",
+        "llm_stereotyped_rate": "unsupported claims matching the user's demographic genre prior / claims",
+        "llm_profile_claims": "atomic claims per profile",
+        "llm_profile_demographic_share": "share of claims that are demographic",
+        "llm_profile_no_claims": "share of profiles naming no genre",
+        "llm_malformed_rate": "malformed answers / requests (fallback: previous profile)",
+        "llm_profiles_refreshed": "profiles generated in the refresh",
+        "llm_profile_rank_shift": "1 − top-k overlap of base vs base+profile (sampled users with profiles)",
+        "llm_profile_stability": "mean cos(new profile, previous profile) of re-profiled users",
+    }
+
+    _GEN = {"prof_hall": "llm_prof_hall", "prof_hall_micro": "llm_prof_hall_micro",
+            "stereotyped_rate": "llm_stereotyped_rate", "claims_per_profile": "llm_profile_claims",
+            "demographic_claim_share": "llm_profile_demographic_share", "no_claim_share": "llm_profile_no_claims",
+            "malformed_rate": "llm_malformed_rate", "profiles": "llm_profiles_refreshed"}
+
+    def setup(self, world, seed, suite):
+        self.seen = 0
+
+    def compute(self, model, fb, popularity):
+        profs = find_profilers(model.policy)
+        rows = []
+        for j, prof in enumerate(profs):
+            suffix = "" if j == 0 else f",stage={j}"
+            for rep in prof.reports:
+                if rep["seq"] <= self.seen:
+                    continue
+                st = rep["stats"]
+                for key, name in self._GEN.items():
+                    v = st.get(key)
+                    if v is not None and np.isfinite(v):
+                        rows.append((name, GROUP_GEN + suffix, float(v)))
+                if np.isfinite(st.get("stability", np.nan)):
+                    rows.append(("llm_profile_stability", GROUP_LOOP + suffix, float(st["stability"])))
+            sample = model.metrics.user_sample(fb.users)[:200]
+            if len(sample):
+                v = prof.rank_shift(sample, model.scenario.k, model.world, model.t)
+                if np.isfinite(v):
+                    rows.append(("llm_profile_rank_shift", GROUP_REC + suffix, v))
+        if profs:
+            self.seen = max([self.seen] + [r["seq"] for p in profs[:1] for r in p.reports])
+        return rows
+
+
+class _Probe:
+    """Per-run probe material (matcher) cached on the metric component (not checkpointed)."""
+
+    matcher = None
+    n_titles = -1
+
+
+@register("metric", "llm_demographic_bias")
+class DemographicBias(MetricComponent):
+    """L-DEMOJSD: a fixed recommendation prompt filled with persona descriptors (gender × age band from
+    user attributes, and 'unmarked'), R seeded samples each; JSD (bits) of item and genre distributions,
+    Marked Words and linear-SVM separability against the unmarked persona. Every
+    demographic_probe.every cycles, only in runs with an LLM stage (role=probe)."""
+
+    METRICS = {
+        "llm_demo_jsd": "L-DEMOJSD JSD (bits) of recommended-item distributions, persona vs unmarked "
+                        "(group persona=<id>; persona=all: mean)",
+        "llm_demo_jsd_genre": "L-DEMOJSD JSD (bits) of recommended-genre distributions, persona vs unmarked",
+        "llm_demo_marked_words": "Marked Words (|z| > 1.96) in the persona's answers vs unmarked",
+        "llm_demo_svm_acc": "linear-SVM (TF-IDF) cross-validated accuracy, persona vs unmarked answers",
+        "llm_demo_hall_rate": "L-HALL of the probe answers (all personas)",
+    }
+
+    PROMPT = ("Recommend {n} movies for {persona}. Answer with a numbered list of movie titles only.")
+
+    def setup(self, world, seed, suite):
+        self._probe = _Probe()
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        self._probe = _Probe()
+
+    def _config(self, model) -> DemographicProbe:
+        profs = find_profilers(model.policy)
+        return profs[0].params.demographic_probe if profs else DemographicProbe()
+
+    def compute(self, model, fb, popularity):
+        ctx = getattr(model, "policy_context", None) or getattr(model.policy, "context", None)
+        if ctx is None or not has_service(ctx):
+            return []
+        cfg = self._config(model)
+        if cfg.every == 0 or model.t % cfg.every != 0:
+            return []
+        world = model.world
+        personas = build_personas(world, cfg)
+        if len(personas) < 2:
+            return []
+        return self.probe(get_service(ctx), world, personas, cfg, model)
+
+    def probe(self, svc, world, personas, cfg: DemographicProbe, model=None) -> list[tuple[str, str, float]]:
+        from recloop.analysis import llm_metrics as L
+
+        from .matching import TitleMatcher
+
+        n_items = world.items.n
+        genres = world.items.genres[:n_items].astype(np.float64)
+        pop = np.zeros(n_items)
+        if model is not None:
+            mp = np.asarray(model.popularity, np.float64)[:n_items]
+            pop[: len(mp)] = mp
+        # each persona's genre prior: mean history genre share of its members (the metric user sample)
+        priors = []
+        sample = model.metrics._sample if model is not None else np.arange(world.users.n)
+        sample = sample[sample < world.users.n]
+        if model is not None and len(sample):
+            ptr, items = model.history.csr(sample)
+            lens = np.diff(ptr)
+            owner = np.repeat(np.arange(len(sample)), lens)
+            sh = np.zeros((len(sample), genres.shape[1]))
+            np.add.at(sh, owner, genres[items])
+            has = lens > 0
+            sh[has] /= lens[has, None]
+        else:
+            sh, has = np.zeros((0, genres.shape[1])), np.zeros(0, bool)
+        base_prior = sh[has].mean(axis=0) if has.any() else np.full(genres.shape[1], 1.0 / genres.shape[1])
+        for _pid, _phrase, mask in personas:
+            sel = has & mask[sample] if len(sample) else has
+            priors.append(sh[sel].mean(axis=0) if sel.any() else base_prior)
+        cands = np.argsort(-pop, kind="stable")[: min(cfg.candidates, n_items)]
+        eps = 1e-6
+        reqs_by_seed: list[list[LLMRequest]] = []
+        catalog = svc.catalog_fingerprint() if svc.uses_payload else None
+        for s in range(cfg.samples):
+            reqs = []
+            for (pid, phrase, _), prior in zip(personas, priors, strict=True):
+                prompt = self.PROMPT.format(n=cfg.n, persona=phrase)
+                payload: dict[str, Any] = {}
+                if svc.uses_payload:
+                    tilt = np.log((prior + eps) / (base_prior + eps))
+                    rel = cfg.strength * (genres[cands] @ tilt)
+                    payload = {"candidates": cands, "relevance": rel, "popularity": pop[cands], "n": cfg.n,
+                               "seed": s, "persona": pid, "catalog": catalog}
+                reqs.append(LLMRequest(prompt, "recommend", payload))
+            reqs_by_seed.append(reqs)
+        base = svc.params
+        texts: list[list[str]] = [[] for _ in personas]
+        for s, reqs in enumerate(reqs_by_seed):
+            params = GenerationParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=s,
+                                      top_p=base.top_p)
+            for j, resp in enumerate(svc.generate(reqs, "probe", params=params)):
+                if not resp.failed:
+                    texts[j].append(resp.text)
+        if self._probe.matcher is None or self._probe.n_titles != n_items:
+            self._probe.matcher = TitleMatcher(list(world.items.titles[:n_items]))
+            self._probe.n_titles = n_items
+        matcher = self._probe.matcher
+        item_lists, genre_dists, all_matches = [], [], []
+        for tl in texts:
+            items = []
+            for t in tl:
+                ms = matcher.match(parse_title_list(t, max_items=cfg.n))
+                all_matches.append([tuple(m) for m in ms])
+                items.extend(int(m.item) for m in ms if m.item >= 0)
+            item_lists.append(items)
+            genre_dists.append(genres[items].sum(axis=0) if items else np.zeros(genres.shape[1]))
+        rows: list[tuple[str, str, float]] = []
+        acc: dict[str, list[float]] = {}
+
+        def add(name, pid, v):
+            if v is not None and np.isfinite(v):
+                rows.append((name, f"role=probe,phase=generation,persona={pid}", float(v)))
+                acc.setdefault(name, []).append(float(v))
+
+        for j in range(1, len(personas)):
+            pid = personas[j][0]
+            if not texts[j] or not texts[0]:
+                continue
+            add("llm_demo_jsd", pid, L.jsd_from_samples(item_lists[j], item_lists[0]) if item_lists[j]
+                and item_lists[0] else float("nan"))
+            add("llm_demo_jsd_genre", pid, L.jsd(genre_dists[j], genre_dists[0]))
+            add("llm_demo_marked_words", pid, float(len(L.marked_words(texts[j], texts[0]))))
+            try:
+                add("llm_demo_svm_acc", pid, L.svm_separability(texts[j], texts[0]))
+            except ImportError:
+                pass
+        for name, vals in acc.items():
+            rows.append((name, "role=probe,phase=generation,persona=all", float(np.mean(vals))))
+        if all_matches:
+            hs = L.hallucination_stats(all_matches)
+            if np.isfinite(hs["hall_rate"]):
+                rows.append(("llm_demo_hall_rate", "role=probe,phase=generation", float(hs["hall_rate"])))
+        return rows

@@ -1,0 +1,652 @@
+"""LLM roles inside the loop (reference F-ROLES): R1 augmenter (a policy wrapper) and R3 re-ranker.
+
+R1 ``llm_augmented`` (F-AUG, LLMRec-style edge augmentation)::
+
+    policy:
+      type: llm_augmented
+      base: {type: bpr, factors: 32}   # the policy trained on the augmented log
+      users_per_cycle: 100             # users asked per retrain (seeded by (seed, step))
+      n: 10                            # titles asked per user
+      candidates: 40                   # candidate pool shown (unconsumed items; cold items first)
+      cold_share: 0.3                  # share of the pool drawn from cold items (no interactions)
+      unmatched: drop                  # or phantom: hallucinated titles become phantom catalog items
+
+Before each ``base.fit`` the augmenter asks the LLM, for ``users_per_cycle`` sampled users, for ``n``
+titles the user would like, given the user's history titles and a candidate pool. Titles are parsed
+(:func:`~.parsing.parse_title_list`) and matched to the catalog (:class:`~.matching.TitleMatcher`,
+tau = ``threshold``). Matched items enter the training log as pseudo-interactions with provenance
+``llm_augmented`` (code 2): training data, not consumption (users' histories are unchanged).
+Unmatched titles are dropped, or with ``unmatched: phantom`` appended to the catalog as *phantom*
+items (attributes and genres = the mean of the user's history, creator -1, group 0) that the base
+policy can then recommend; :attr:`LLMAugmented.phantom` flags them. Fallback on a malformed answer
+(empty, unparsable, too long, timeout, budget spent): no augmentation for that user.
+
+R3 ``llm_rank`` (F-RANK, Hou et al. 2024), a pipeline re-ranker::
+
+    policy:
+      type: pipeline
+      retrieval: {type: bpr}
+      candidates: 50
+      reranker: {type: llm_rank, mode: generate, max_candidates: 20, shuffles: 0, users_per_cycle: 200}
+
+For up to ``users_per_cycle`` users per cycle (a seeded sample; the others keep the base order), the
+top ``max_candidates`` candidates of the earlier stage are presented to the LLM, which re-orders them
+(``mode: generate``: it answers a ranking, parsed with :func:`~.parsing.parse_ranking`; ``mode:
+loglik``: each candidate title is scored by its log-likelihood after a prompt with the user's history,
+in batches). ``shuffles: B`` (>= 1) presents B random permutations and aggregates the B rankings by
+Borda count (Hou et al.'s bootstrapping against position bias); 0 presents the base order once. The
+surrogate backend has no log-likelihoods: in ``loglik`` mode it answers the equivalent structured
+``rank`` request. Fallback on a malformed answer: that permutation is ignored; with none usable, the
+user keeps the base order. Positions chosen first, candidate popularity and assigned ranks are kept
+per cycle for the risk metrics (:mod:`recloop.analysis.llm_collectors`).
+
+Both roles use the run's :class:`~.service.LLMService` (cache, budget, accounting, failure log).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from recloop import registry
+from recloop.recommenders.base import PROVENANCE, Policy, PolicyContext, TrainingData
+from recloop.registry import Params, register
+from recloop.sim.rng import component_rng, derive_key, hash_u64, hash_uniform
+
+from .matching import TitleMatcher
+from .parsing import parse_ranking, parse_title_list_checked
+from .service import get_service
+from .types import LLMRequest
+
+__all__ = ["LLMAugmented", "LLMRank", "find_llm_roles"]
+
+
+def find_llm_roles(policy) -> list:
+    """Every LLM role object inside a policy tree (wrappers' ``base``, pipeline stages), in order.
+    A role is an object with an ``llm_role`` attribute (``augmenter``, ``profiler``, ``ranker``)."""
+    out: list = []
+    seen: set[int] = set()
+    stack = [policy]
+    while stack:
+        obj = stack.pop(0)
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if getattr(obj, "llm_role", None):
+            out.append(obj)
+        for attr in ("base", "retrieval", "ranker", "reranker", "inner", "policy"):
+            child = getattr(obj, attr, None)
+            if child is not None and not isinstance(child, (dict, str, int, float)):
+                stack.append(child)
+    return out
+
+
+def _titles_line(titles: list[str], sep: str = "\n") -> str:
+    return sep.join(f"- {t}" for t in titles)
+
+
+def _history_items(history, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if history is None or len(users) == 0:
+        return np.zeros(len(users) + 1, np.int64), np.zeros(0, np.int64)
+    return history.csr(np.asarray(users, np.int64))
+
+
+def _pad(arr: np.ndarray, n: int, fill=0) -> np.ndarray:
+    if len(arr) >= n:
+        return arr
+    return np.concatenate([arr, np.full(n - len(arr), fill, dtype=arr.dtype)])
+
+
+def _first_unique(x: np.ndarray) -> np.ndarray:
+    """Distinct values in order of first appearance."""
+    _, first = np.unique(x, return_index=True)
+    return x[np.sort(first)]
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    ok = np.isfinite(x)
+    if ok.sum() < 2:
+        return np.where(ok, 0.0, -10.0)
+    m, s = x[ok].mean(), x[ok].std()
+    return np.where(ok, (x - m) / (s if s > 0 else 1.0), -10.0)
+
+
+# ================================================================================================ R1
+@register("policy", "llm_augmented")
+class LLMAugmented(Policy):
+    """R1 augmenter (F-AUG): before each retrain, LLM-generated pseudo-interactions for sampled users
+    (provenance ``llm_augmented``) are added to the training log of a ``base`` policy; unmatched titles
+    are dropped or become phantom items (``unmatched: phantom``)."""
+
+    llm_role = "augmenter"
+    example_params = {"base": {"type": "popularity"}, "users_per_cycle": 5, "n": 3, "candidates": 10}
+
+    class Params(Params):
+        base: dict = Field(default_factory=lambda: {"type": "bpr"}, description="the policy trained on the "
+                           "augmented log ({type: ..., ...})")
+        users_per_cycle: int = Field(100, ge=0, description="users asked per retrain (seeded by (seed, step))")
+        n: int = Field(10, ge=1, description="titles asked per user")
+        candidates: int = Field(40, ge=1, description="candidate pool shown per user (unconsumed items)")
+        cold_share: float = Field(0.3, ge=0.0, le=1.0, description="share of the pool drawn from cold items")
+        history_len: int = Field(10, ge=0, description="history titles shown per user (a seeded sample)")
+        unmatched: Literal["drop", "phantom"] = Field("drop", description="unmatched titles: dropped, or "
+                                                      "entered as phantom catalog items")
+        threshold: float = Field(0.7, gt=0.0, le=1.0, description="L-HALL tau for title matching")
+        every: int = Field(1, ge=1, description="augment at every n-th retrain")
+        max_phantoms: int = Field(100_000, ge=0, description="cap on phantom items created in a run")
+        prompt: str | None = Field(None, description="prompt template with {history}, {candidates}, {n}")
+
+        @field_validator("base")
+        @classmethod
+        def _base(cls, v):
+            from recloop.recommenders.pipeline import _check_component
+
+            return _check_component("policy", v)
+
+    DEFAULT_PROMPT = (
+        "A user has enjoyed these titles:\n{history}\n\n"
+        "From the candidate titles below, recommend {n} that this user would also enjoy.\n"
+        "Candidates:\n{candidates}\n\n"
+        "Answer with a numbered list of {n} titles only."
+    )
+
+    def __init__(self, params=None, *, context: PolicyContext | None = None, **kw):
+        super().__init__(params, context=context, **kw)
+        self.base = registry.build("policy", self.params.base, context=self.context)
+        self.online = self.base.online
+        self.uses_ground_truth = self.base.uses_ground_truth
+        self.service = get_service(self.context)
+        self.phantom = np.zeros(0, bool)  # phantom[i]: item i is a phantom (hallucinated) item
+        self.aug_counts = np.zeros(0, np.int64)  # augmented interactions per item (cumulative)
+        self.n_augmented = 0
+        self.n_fits = 0
+        self.seq = 0  # generation rounds done (the metric collector reports each round once)
+        self.last: dict[str, Any] = {}  # the last round's outputs and generation-phase statistics
+        self._matcher: TitleMatcher | None = None
+        self._phantom_by_title: dict[str, int] = {}
+
+    # -- delegation ----------------------------------------------------------------------------------
+    @property
+    def stages(self) -> list:
+        return [self.base, *getattr(self.base, "stages", [])]
+
+    def factors(self, world):
+        return self.base.factors(world)
+
+    def score(self, users, world, step=0):
+        return self.base.score(users, world, step)
+
+    def score_pairs(self, users, items, world, step=0):
+        return self.base.score_pairs(users, items, world, step)
+
+    def recommend(self, users, k, world, *, exclude=None, step=0, engine=None, on_chunk=None):
+        return self.base.recommend(users, k, world, exclude=exclude, step=step, engine=engine, on_chunk=on_chunk)
+
+    def update(self, feedback, world):
+        if self.base.online:
+            self.base.update(feedback, world)
+
+    # -- training -------------------------------------------------------------------------------------
+    def fit(self, data: TrainingData, world, *, step: int, rng, warm_start: bool) -> None:
+        if self.n_fits % self.params.every == 0 and self.params.users_per_cycle > 0:
+            extra = self.augment(world, step)
+            if extra is not None:
+                u, i = extra
+                data = TrainingData(
+                    users=np.concatenate([data.users, u]),
+                    items=np.concatenate([data.items, i]),
+                    steps=np.concatenate([data.steps, np.full(len(u), max(step - 1, -1), np.int32)]),
+                    provenance=np.concatenate([data.provenance, np.full(len(u), PROVENANCE["llm_augmented"], np.int8)]),
+                    n_users=max(data.n_users, world.users.n),
+                    n_items=max(data.n_items, world.items.n),
+                )
+        self.n_fits += 1
+        self.base.fit(data, world, step=step, rng=rng, warm_start=warm_start)
+
+    def _matcher_for(self, world) -> TitleMatcher:
+        titles = world.items.titles
+        m = self._matcher
+        if m is None or len(m.titles) > len(titles) or m.titles[:1] != titles[:1]:
+            m = self._matcher = TitleMatcher(list(titles), threshold=self.params.threshold)
+        elif len(m.titles) < len(titles):
+            m.extend(list(titles[len(m.titles):]))
+        return m
+
+    def _grow(self, n: int) -> None:
+        self.phantom = _pad(self.phantom, n, False)
+        self.aug_counts = _pad(self.aug_counts, n, 0)
+
+    def augment(self, world, step: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """One generation round: ask, parse, match, log. Returns the augmented (users, items) or None."""
+        p = self.params
+        svc = self.service
+        model = self.context.extra.get("model")
+        history = getattr(model, "history", None)
+        n_items = world.items.n
+        self._grow(n_items)
+        pop = np.zeros(n_items)
+        if model is not None:
+            mp = np.asarray(model.popularity, np.float64)[:n_items]
+            pop[: len(mp)] = mp
+        rng = component_rng(self.context.seed, "llm_augment", step)
+        active = world.users.active_ids()
+        if len(active) == 0:
+            return None
+        users = np.sort(rng.choice(active, size=min(p.users_per_cycle, len(active)), replace=False))
+        ptr, hist = _history_items(history, users)
+        real = ~self.phantom[:n_items]
+        cold_pool = np.flatnonzero((pop + self.aug_counts[:n_items] == 0) & real)
+        real_ids = np.flatnonzero(real)
+        titles = world.items.titles
+        genres = world.items.genres
+        seed_key = derive_key(self.context.seed, "llm_augment.seed", step)
+        seeds = hash_u64(seed_key, users)
+        catalog = svc.catalog_fingerprint() if svc.uses_payload else None
+        reqs: list[LLMRequest] = []
+        pools: list[np.ndarray] = []
+        for r, u in enumerate(users.tolist()):
+            h = hist[ptr[r]: ptr[r + 1]]
+            m = min(p.candidates, len(real_ids))
+            n_cold = min(int(round(p.cold_share * m)), len(cold_pool))
+            # draws with replacement, deduplicated (no O(n_items) permutation per user)
+            draw = []
+            if n_cold:
+                c = _first_unique(cold_pool[rng.integers(0, len(cold_pool), size=2 * n_cold)])
+                draw.append(c[~np.isin(c, h)][:n_cold] if len(h) else c[:n_cold])
+            draw.append(real_ids[rng.integers(0, len(real_ids), size=3 * m + len(h))])
+            pool = _first_unique(np.concatenate(draw))
+            if len(h):
+                pool = pool[~np.isin(pool, h)]
+            pool = pool[:m].copy()
+            rng.shuffle(pool)
+            pools.append(pool)
+            shown = h if len(h) <= p.history_len else rng.choice(h, size=p.history_len, replace=False)
+            # relevance an LLM can read off titles: genre similarity to the user's history (z-scored)
+            if len(h):
+                share = genres[h].mean(axis=0)
+                g = genres[pool]
+                rel = g @ share / (np.linalg.norm(g, axis=1) * (np.linalg.norm(share) or 1.0) + 1e-12)
+                rel = _zscore(rel)
+            else:
+                rel = np.zeros(len(pool))
+            prompt = (p.prompt or self.DEFAULT_PROMPT).format(
+                history=_titles_line([titles[i] for i in shown]) or "(no history yet)",
+                candidates=_titles_line([titles[i] for i in pool]), n=p.n)
+            payload: dict[str, Any] = {}
+            if svc.uses_payload:
+                payload = {"candidates": pool, "relevance": rel, "popularity": pop[pool], "n": p.n,
+                           "seed": int(seeds[r]), "user": u, "catalog": catalog}
+            reqs.append(LLMRequest(prompt, "augment", payload))
+        responses = svc.generate(reqs, "augmenter", step=step)
+
+        matcher = self._matcher_for(world)
+        aug_u: list[int] = []
+        aug_i: list[int] = []
+        hall_matches: list[list[tuple[int, float, bool]]] = []
+        cands_used: list[np.ndarray] = []
+        out_pops: list[np.ndarray] = []
+        ref_pops: list[np.ndarray] = []
+        matched_items: list[int] = []
+        new_phantoms: list[tuple[int, str]] = []  # (row, title)
+        phantom_rows: dict[int, list[int]] = {}
+        n_fallback = 0
+        n_cold_out = 0
+        for r, (req, resp) in enumerate(zip(reqs, responses, strict=True)):
+            u = int(users[r])
+            if resp.failed:
+                n_fallback += 1
+                continue
+            items_txt, reason = parse_title_list_checked(resp.text, max_items=p.n)
+            if not items_txt:
+                svc.log_failure("augmenter", "unparsable" if reason is None else reason.value, req.prompt,
+                                resp.text, user=u)
+                n_fallback += 1
+                continue
+            h = hist[ptr[r]: ptr[r + 1]]
+            hset = set(h.tolist())
+            got: list[int] = []
+            row_matches = []
+            for title, mt in zip(items_txt, matcher.match(items_txt), strict=True):
+                item = int(mt.item)
+                if item >= 0 and item < len(self.phantom) and self.phantom[item]:
+                    row_matches.append((-1, float(mt.score), False))  # a phantom is still a hallucination
+                else:
+                    row_matches.append((item, float(mt.score), bool(mt.exact)))
+                if item < 0:
+                    if p.unmatched == "phantom":
+                        key = title.strip()
+                        if key:
+                            new_phantoms.append((r, key))
+                    continue
+                if item in hset or item in got:
+                    continue
+                got.append(item)
+            hall_matches.append(row_matches)
+            cands_used.append(pools[r])
+            real_got = [i for i in got if not (i < len(self.phantom) and self.phantom[i])]
+            matched_items.extend(real_got)
+            n_cold_out += int(sum(1 for i in real_got if pop[i] + self.aug_counts[i] == 0))
+            out_pops.append(pop[np.asarray(real_got, np.int64)])
+            ref_pops.append(pop[h])
+            aug_u.extend([u] * len(got))
+            aug_i.extend(got)
+        if n_fallback:
+            svc.count_fallback("augmenter", n_fallback)
+
+        # phantom items: one per distinct hallucinated title (a later match of it reuses the item)
+        n_new = 0
+        if new_phantoms:
+            from .matching import normalise_title
+
+            rows_by_key: dict[str, list[int]] = {}
+            title_by_key: dict[str, str] = {}
+            for r, t in new_phantoms:
+                k = normalise_title(t)
+                if not k:
+                    continue
+                rows_by_key.setdefault(k, []).append(r)
+                title_by_key.setdefault(k, t)
+            fresh = [k for k in rows_by_key if k not in self._phantom_by_title]
+            room = max(0, p.max_phantoms - int(self.phantom.sum()))
+            fresh = fresh[:room]
+            if fresh:
+                d, G = world.items.dim, world.items.genres.shape[1]
+                attrs = np.zeros((len(fresh), d), np.float32)
+                gen = np.full((len(fresh), G), 1.0 / G, np.float32)
+                for j, k in enumerate(fresh):
+                    r = rows_by_key[k][0]
+                    h = hist[ptr[r]: ptr[r + 1]]
+                    if len(h):
+                        attrs[j] = world.items.attrs[h].mean(axis=0)
+                        gv = world.items.genres[h].mean(axis=0)
+                        gen[j] = gv / max(float(gv.sum()), 1e-12)
+                new_ids = world.items.append(attrs, gen, [title_by_key[k] for k in fresh],
+                                             np.full(len(fresh), -1, np.int32), np.zeros(len(fresh), np.int8),
+                                             step)
+                self._grow(world.items.n)
+                self.phantom[new_ids] = True
+                for k, i in zip(fresh, new_ids.tolist(), strict=True):
+                    self._phantom_by_title[k] = i
+                n_new = len(fresh)
+            for k, rows in rows_by_key.items():
+                item = self._phantom_by_title.get(k)
+                if item is None:
+                    continue
+                for r in rows:
+                    u = int(users[r])
+                    phantom_rows.setdefault(u, [])
+                    if item not in phantom_rows[u]:
+                        phantom_rows[u].append(item)
+            for u, its in phantom_rows.items():
+                aug_u.extend([u] * len(its))
+                aug_i.extend(its)
+
+        au = np.asarray(aug_u, np.int64)
+        ai = np.asarray(aug_i, np.int64)
+        if len(au):
+            order = np.lexsort((ai, au))
+            au, ai = au[order], ai[order]
+            self._grow(world.items.n)
+            np.add.at(self.aug_counts, ai, 1)
+            self.n_augmented += len(au)
+            if model is not None:
+                model.log.add(max(step - 1, -1), au, ai, PROVENANCE["llm_augmented"], initial=step == 0)
+        self.seq += 1
+        self.last = self._generation_stats(step, len(users), n_fallback, hall_matches, cands_used, out_pops,
+                                           ref_pops, matched_items, n_cold_out, pop, len(au), n_new)
+        if model is None or not len(au):
+            return None
+        return au, ai
+
+    def _generation_stats(self, step, n_users, n_fallback, hall_matches, cands, out_pops, ref_pops,
+                          matched_items, n_cold_out, pop, n_aug, n_new) -> dict[str, Any]:
+        from recloop.analysis import llm_metrics as L
+        from recloop.analysis.metrics import short_head_mask
+
+        stats: dict[str, float] = {}
+        if hall_matches:
+            hs = L.hallucination_stats(hall_matches, cands)
+            stats.update(hall_rate=hs["hall_rate"], duplicate_rate=hs["duplicate_rate"],
+                         out_of_candidate_rate=hs["out_of_candidate_rate"], match_score=hs["mean_match_score"],
+                         n_generated=hs["n_generated"])
+            stats["lpd"] = L.lpd(out_pops, ref_pops) if out_pops else float("nan")
+            real_pop = pop[~self.phantom[: len(pop)]]
+            real_ids = np.flatnonzero(~self.phantom[: len(pop)])
+            if matched_items and real_pop.sum() > 0:
+                remap = np.full(len(pop), -1, np.int64)
+                remap[real_ids] = np.arange(len(real_ids))
+                items = remap[np.asarray(matched_items, np.int64)]
+                dist = L.distributional_popbias(items[items >= 0], real_pop, short_head_mask(real_pop))
+                stats["head_share"] = dist["head_share"]
+                stats["ks_catalog"] = dist["ks_catalog"]
+            stats["cold_share"] = n_cold_out / len(matched_items) if matched_items else float("nan")
+        stats["malformed_rate"] = n_fallback / n_users if n_users else float("nan")
+        stats["augmented"] = float(n_aug)
+        stats["new_phantoms"] = float(n_new)
+        return {"seq": self.seq, "step": step, "stats": stats}
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": self.base.state_dict(), "phantom": self.phantom.copy(), "aug_counts": self.aug_counts.copy(),
+                "n_augmented": self.n_augmented, "n_fits": self.n_fits, "seq": self.seq,
+                "last": copy.deepcopy(self.last), "phantom_by_title": dict(self._phantom_by_title)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base.load_state_dict(state["base"])
+        self.phantom = state["phantom"].copy()
+        self.aug_counts = state["aug_counts"].copy()
+        self.n_augmented = state["n_augmented"]
+        self.n_fits = state["n_fits"]
+        self.seq = state["seq"]
+        self.last = copy.deepcopy(state["last"])
+        self._phantom_by_title = dict(state["phantom_by_title"])
+        self._matcher = None
+
+    def run_report(self) -> dict[str, Any]:
+        return {"llm_augmented": {"interactions": int(self.n_augmented), "phantom_items": int(self.phantom.sum())}}
+
+
+# ================================================================================================ R3
+@register("reranker", "llm_rank")
+class LLMRank:
+    """R3 LLM re-ranker (F-RANK): the LLM re-orders the top ``max_candidates`` candidates of an earlier
+    stage for up to ``users_per_cycle`` users (by generation + parsing, or by title log-likelihood),
+    optionally over ``shuffles`` permutations aggregated by Borda count; others keep the base order."""
+
+    llm_role = "ranker"
+
+    class Params(Params):
+        mode: Literal["generate", "loglik"] = Field("generate", description="generate a ranking and parse it, "
+                                                    "or score each title's log-likelihood")
+        max_candidates: int = Field(20, ge=2, description="candidates presented to the LLM")
+        users_per_cycle: int | None = Field(200, ge=0, description="users re-ranked per cycle (null: all)")
+        shuffles: int = Field(0, ge=0, description="B random candidate permutations aggregated by Borda "
+                                                   "(0: the base order, once)")
+        history_len: int = Field(10, ge=0, description="history titles in the prompt")
+        prompt: str | None = Field(None, description="template with {history}, {candidates}, {m}")
+
+    DEFAULT_PROMPT = (
+        "A user has enjoyed these titles:\n{history}\n\n"
+        "Rank the following {m} candidates by how likely the user is to enjoy them next:\n{candidates}\n\n"
+        "Answer with the candidate numbers only, best first, separated by commas."
+    )
+    LOGLIK_PROMPT = (
+        "A user has enjoyed these titles:\n{history}\n\nCandidates:\n{candidates}\n\n"
+        "The title this user will enjoy most next is:"
+    )
+
+    def __init__(self, params=None, *, context: PolicyContext | None = None, **_: Any):
+        self.params = params if params is not None else type(self).Params()
+        self.context = context or PolicyContext(seed=0)
+        self.service = get_service(self.context)
+        self.cycle: dict[str, Any] = self._new_cycle(-1)
+        self._sel_step = -2
+        self._sel_p = 1.0
+        self.served_total = 0
+        self.fallbacks_total = 0
+
+    @staticmethod
+    def _new_cycle(step: int) -> dict[str, Any]:
+        return {"step": step, "users": [], "first_pos": [], "n_presented": [], "cand_pops": [], "ranks": [],
+                "served": 0, "fallbacks": 0, "requests": 0, "failed": 0, "base_topk": [], "llm_topk": []}
+
+    def _selected(self, users: np.ndarray, world, step: int) -> np.ndarray:
+        cap = self.params.users_per_cycle
+        if cap is None:
+            return np.ones(len(users), bool)
+        if self._sel_step != step:
+            act = getattr(world.users, "active", None)
+            n_act = max(1, int(act[: world.users.n].sum()) if act is not None else int(world.users.n))
+            self._sel_p = min(1.0, cap / n_act)
+            self._sel_step = step
+        u = hash_uniform(derive_key(self.context.seed, "llm_rank.users", step), users)
+        sel = u < self._sel_p
+        room = cap - self.cycle["served"]
+        if sel.sum() > room:
+            sel[np.flatnonzero(sel)[max(room, 0):]] = False
+        return sel
+
+    def rerank(self, users, candidates, scores, k, world, *, step=0, history=None):
+        from .. import rerankers as R
+
+        if self.cycle["step"] != step:
+            self.cycle = self._new_cycle(step)
+        cand, s, valid = R._prepare(candidates, scores)
+        cand, s, valid = R._by_score(cand, s, valid)  # base order: descending score
+        n, m = cand.shape
+        out = np.full((n, k), -1, np.int64)
+        kk = min(k, m)
+        out[:, :kk] = np.where(valid[:, :kk], cand[:, :kk], -1)
+        if n == 0 or m == 0:
+            return out
+        users = np.asarray(users, np.int64)
+        sel = self._selected(users, world, step)
+        rows = np.flatnonzero(sel & (valid.sum(axis=1) >= 2))
+        if len(rows) == 0:
+            return out
+        self.cycle["served"] += len(rows)
+        self.served_total += len(rows)
+        p = self.params
+        svc = self.service
+        model = self.context.extra.get("model")
+        hist_src = history if history is not None and hasattr(history, "csr") else getattr(model, "history", None)
+        ptr, hist = _history_items(hist_src, users[rows])
+        n_items = world.items.n
+        pop = np.zeros(n_items)
+        if model is not None:
+            mp = np.asarray(model.popularity, np.float64)[:n_items]
+            pop[: len(mp)] = mp
+        titles = world.items.titles
+        B = max(1, p.shuffles)
+        key = derive_key(self.context.seed, "llm_rank.perm", step)
+        seeds = hash_u64(derive_key(self.context.seed, "llm_rank.seed", step), users[rows][:, None],
+                         np.arange(B)[None, :])
+        catalog = svc.catalog_fingerprint() if svc.uses_payload else None
+        use_rank_task = p.mode == "generate" or not svc.supports_loglik
+        reqs: list[LLMRequest] = []
+        ll_prompts: list[str] = []
+        ll_conts: list[str] = []
+        meta: list[tuple[int, int, np.ndarray, int]] = []  # (row idx in rows, b, perm, n presented)
+        for j, r in enumerate(rows.tolist()):
+            M = int(min(p.max_candidates, valid[r].sum()))
+            h = hist[ptr[j]: ptr[j + 1]]
+            if len(h) > p.history_len:
+                hh = hash_u64(key, users[r], h)
+                h = h[np.argsort(hh)[: p.history_len]]
+            htxt = _titles_line([titles[i] for i in h]) or "(no history yet)"
+            rel = _zscore(s[r, :M])
+            for b in range(B):
+                if p.shuffles > 0:
+                    perm = np.argsort(hash_u64(key, users[r] * 131 + b, np.arange(M)))
+                else:
+                    perm = np.arange(M)
+                items = cand[r, perm]
+                meta.append((j, b, perm, M))
+                if use_rank_task:
+                    ctext = "\n".join(f"[{q + 1}] {titles[i]}" for q, i in enumerate(items.tolist()))
+                    prompt = (p.prompt or self.DEFAULT_PROMPT).format(history=htxt, candidates=ctext, m=M)
+                    payload: dict[str, Any] = {}
+                    if svc.uses_payload:
+                        payload = {"relevance": rel[perm], "popularity": pop[items], "n": M,
+                                   "seed": int(seeds[j, b]), "user": int(users[r]), "catalog": catalog}
+                    reqs.append(LLMRequest(prompt, "rank", payload))
+                else:
+                    ctext = "\n".join(f"- {titles[i]}" for i in items.tolist())
+                    prompt = self.LOGLIK_PROMPT.format(history=htxt, candidates=ctext)
+                    ll_prompts.extend([prompt] * M)
+                    ll_conts.extend(f" {titles[i]}" for i in items.tolist())
+        self.cycle["requests"] += len(meta)
+        rankings: list[list[int] | None] = []
+        if use_rank_task:
+            responses = svc.generate(reqs, "ranker", step=step)
+            for (j, b, perm, M), req, resp in zip(meta, reqs, responses, strict=True):
+                if resp.failed:
+                    rankings.append(None)
+                    continue
+                ranked = parse_ranking(resp.text, M, titles=[titles[i] for i in cand[rows[j], perm]])
+                if not ranked:
+                    svc.log_failure("ranker", "unparsable", req.prompt, resp.text, user=int(users[rows[j]]))
+                    rankings.append(None)
+                    continue
+                rankings.append(ranked)
+        else:
+            vals = svc.loglik(ll_prompts, ll_conts, "ranker", step=step)
+            off = 0
+            for j, b, perm, M in meta:
+                v = vals[off: off + M]
+                off += M
+                if not np.all(np.isfinite(v)):
+                    rankings.append(None)
+                    continue
+                rankings.append(np.argsort(-v, kind="stable").tolist())
+
+        # Borda aggregation per user (points in base-candidate space), then write the slates
+        borda: dict[int, np.ndarray] = {}
+        for (j, b, perm, M), ranked in zip(meta, rankings, strict=True):
+            if ranked is None:
+                self.cycle["failed"] += 1
+                continue
+            full = list(ranked) + [q for q in range(M) if q not in set(ranked)]  # unranked: presented order
+            pts = borda.setdefault(j, np.zeros(M))
+            base_idx = perm[np.asarray(full, np.int64)]  # presented position -> base column
+            pts[base_idx] += M - np.arange(M)
+            # first pick (as presented, 1-based) for the position-bias slope; popularity vs assigned rank
+            self.cycle["first_pos"].append(int(ranked[0]) + 1)
+            self.cycle["n_presented"].append(M)
+            assigned = np.empty(M)
+            assigned[np.asarray(full, np.int64)] = np.arange(1, M + 1)
+            self.cycle["cand_pops"].append(pop[cand[rows[j], perm]])
+            self.cycle["ranks"].append(assigned)
+        n_fb = 0
+        for j, r in enumerate(rows.tolist()):
+            pts = borda.get(j)
+            if pts is None:
+                n_fb += 1
+                continue
+            M = len(pts)
+            order = np.lexsort((np.arange(M), -pts))  # ties: base order
+            new = np.concatenate([cand[r, :M][order], cand[r, M:]])
+            vv = np.concatenate([valid[r, :M][order], valid[r, M:]])
+            self.cycle["base_topk"].append(out[r].copy())
+            out[r, :kk] = np.where(vv[:kk], new[:kk], -1)
+            self.cycle["llm_topk"].append(out[r].copy())
+            self.cycle["users"].append(int(users[r]))
+        if n_fb:
+            self.cycle["fallbacks"] += n_fb
+            self.fallbacks_total += n_fb
+            svc.count_fallback("ranker", n_fb)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cycle": copy.deepcopy(self.cycle), "served_total": self.served_total,
+                "fallbacks_total": self.fallbacks_total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cycle = copy.deepcopy(state["cycle"])
+        self.served_total = state["served_total"]
+        self.fallbacks_total = state["fallbacks_total"]
+        self._sel_step = -2
