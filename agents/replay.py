@@ -62,8 +62,9 @@ def window_edges(timestamps: np.ndarray, windows: int, split: str = "timestamps"
     return np.minimum(inverse // part, windows - 1).astype(np.int64)
 
 
-def window_counts(users: np.ndarray, timestamps: np.ndarray, n_users: int, windows: int,
-                  split: str = "timestamps") -> np.ndarray:
+def window_counts(
+    users: np.ndarray, timestamps: np.ndarray, n_users: int, windows: int, split: str = "timestamps"
+) -> np.ndarray:
     """(n_users, windows) int32: each user's number of real interactions per window."""
     w = window_edges(timestamps, windows, split)
     counts = np.zeros((n_users, windows), np.int32)
@@ -77,14 +78,20 @@ class ReplayChoice(ChoiceModel):
     items, first slot first, up to their real number of interactions in time window t; users inactive
     in the window accept nothing. Needs a data-set world (movielens, interactions_csv)."""
 
+    example_world = {"type": "movielens", "dim": 8, "n_users": 100, "n_items": 200, "initial_fraction": 0.5}
+
     class Params(Params):
         windows: int = Field(10, gt=0, description="time windows = replayed cycles (set steps to this)")
         split: Literal["timestamps", "time"] = Field(
-            "timestamps", description="timestamps: equal numbers of distinct timestamps (EchoTrace); "
-                                      "time: equal spans of time")
+            "timestamps",
+            description="timestamps: equal numbers of distinct timestamps (EchoTrace); "
+            "time: equal spans of time",
+        )
         source: Literal["held_out", "positives", "ratings"] = Field(
-            "held_out", description="real interactions that set the activity: the held-out positives "
-                                    "(after the initial log), all positives, or all ratings")
+            "held_out",
+            description="real interactions that set the activity: the held-out positives "
+            "(after the initial log), all positives, or all ratings",
+        )
         max_per_cycle: int | None = Field(None, gt=0, description="cap on items accepted per user and cycle")
 
     def __init__(self, params=None, *, generator=None, seed: int = 0, **context):
@@ -95,15 +102,21 @@ class ReplayChoice(ChoiceModel):
             raise RecloopInputError(
                 f"the replay choice model (EchoTrace) replays a real interaction log, but the world "
                 f"'{name}' has none. Use a data-set world (type: movielens or interactions_csv), or a "
-                "behavioural choice model such as mnl.", key="users.choice.type")
+                "behavioural choice model such as mnl.",
+                key="users.choice.type",
+            )
         p = self.params
         users, _items, ts = timeline(p.source)
         if len(users) == 0:
-            hint = (" With source: held_out, set the world's initial_fraction below 1 (e.g. 0.5) so that "
-                    "each user has later positives to replay, or use source: positives." if p.source == "held_out"
-                    else "")
-            raise RecloopInputError(f"the world has no {p.source} interactions to replay.{hint}",
-                                    key="users.choice.source")
+            hint = (
+                " With source: held_out, set the world's initial_fraction below 1 (e.g. 0.5) so that "
+                "each user has later positives to replay, or use source: positives."
+                if p.source == "held_out"
+                else ""
+            )
+            raise RecloopInputError(
+                f"the world has no {p.source} interactions to replay.{hint}", key="users.choice.source"
+            )
         n_users = len(generator.fitted().prefs)
         self.counts = window_counts(users, ts, n_users, p.windows, p.split)
         if p.max_per_cycle is not None:
@@ -136,5 +149,7 @@ class ReplayChoice(ChoiceModel):
 
     def activity(self) -> dict[str, list[float]]:
         """Per window: active users and real interactions (for reports and tests)."""
-        return {"active_users": (self.counts > 0).sum(axis=0).astype(float).tolist(),
-                "interactions": self.counts.sum(axis=0).astype(float).tolist()}
+        return {
+            "active_users": (self.counts > 0).sum(axis=0).astype(float).tolist(),
+            "interactions": self.counts.sum(axis=0).astype(float).tolist(),
+        }

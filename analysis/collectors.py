@@ -48,6 +48,23 @@ def _f(x) -> float:
     return float(x) if x is not None else float("nan")
 
 
+def _slate_exposure(model, fb, n_items: int) -> tuple[np.ndarray, bool]:
+    """This cycle's exposure count per item (M.exposure_counts) and whether every slate is full,
+    computed once per cycle and shared by the slate metrics."""
+    suite = getattr(model, "metrics", None)
+    cache = getattr(suite, "_cycle", None)
+    if cache is not None and cache.get("fb") is fb and cache.get("n") == n_items:
+        return cache["e"], cache["full"]
+    valid = fb.slates >= 0
+    full = bool(valid.all())
+    if full and fb.slates.size and int(fb.slates.max()) >= n_items:
+        raise ValueError(f"slate contains item id {int(fb.slates.max())} >= n_items={n_items}")
+    e = np.bincount(fb.slates.ravel(), minlength=n_items).astype(float) if full else M.exposure_counts(fb.slates, n_items)
+    if cache is not None:
+        suite._cycle = {"fb": fb, "n": n_items, "e": e, "full": full}
+    return e, full
+
+
 @register("metric", "exposure")
 class Exposure(MetricComponent):
     """M-GINI, M-COV, M-ENT on exposure (slates), per cycle and cumulative."""
@@ -65,14 +82,14 @@ class Exposure(MetricComponent):
 
     def compute(self, model, fb, popularity):
         n = model.world.items.n
-        e = M.exposure_counts(fb.slates, n)
+        e, _ = _slate_exposure(model, fb, n)
         if len(self.cum) < n:
             self.cum = np.concatenate([self.cum, np.zeros(n - len(self.cum))])
         self.cum += e
         return [
             ("gini_exposure", "", M.gini(e)),
             ("gini_exposure_cum", "", M.gini(self.cum)),
-            ("coverage", "", M.coverage(fb.slates, n)),
+            ("coverage", "", float(np.count_nonzero(e)) / n if n > 0 else float("nan")),
             ("coverage_cum", "", float(np.count_nonzero(self.cum)) / n),
             ("exposure_entropy", "", M.entropy(e)),
         ]
@@ -120,12 +137,22 @@ class PopularityBias(MetricComponent):
         pop = np.zeros(w.items.n)
         pop[: len(popularity)] = popularity[: w.items.n]
         head = M.short_head_mask(pop)
-        rows = [
-            ("arp", "", M.arp(fb.slates, pop)),
-            ("aplt", "", M.aplt(fb.slates, head)),
-            ("aclt", "", M.aclt(fb.slates, head)),
-            ("novelty", "", M.novelty(fb.slates, pop, max(w.users.n, 1))),
-        ]
+        e, full = _slate_exposure(model, fb, w.items.n)
+        n_u, k = fb.slates.shape
+        if full and n_u > 0 and k > 0:
+            # every slate holds k items: the per-user means average to item sums weighted by exposure
+            # (the same values as M.arp/aplt/aclt/novelty, from one bincount instead of n x k gathers)
+            tail = e @ (~head)
+            nov = -np.log2(np.maximum(pop, 1.0) / max(w.users.n, 1))
+            rows = [("arp", "", float(e @ pop) / (n_u * k)), ("aplt", "", float(tail) / (n_u * k)),
+                    ("aclt", "", float(tail) / n_u), ("novelty", "", float(e @ nov) / (n_u * k))]
+        else:
+            rows = [
+                ("arp", "", M.arp(fb.slates, pop)),
+                ("aplt", "", M.aplt(fb.slates, head)),
+                ("aclt", "", M.aclt(fb.slates, head)),
+                ("novelty", "", M.novelty(fb.slates, pop, max(w.users.n, 1))),
+            ]
         ch = fb.chosen_item[fb.chosen_item >= 0]
         rows.append(("mean_pop_consumed", "", float(pop[ch].mean()) if len(ch) else float("nan")))
         sample = model.metrics.user_sample(fb.users)
@@ -200,7 +227,8 @@ class Homogenization(MetricComponent):
     METRICS = {
         "homogenization": "M-HOMOG mean Jaccard of histories over fixed random user pairs",
         "rec_similarity": "M-HOMOG mean Jaccard of this cycle's slates over the same pairs",
-        "homogenization_similar": "M-HOMOG mean Jaccard of histories over similar-user pairs (policy factors)",
+        "homogenization_similar": "M-HOMOG mean Jaccard of histories over similar-user pairs (policy factors; "
+                                  "above 512 users the partner is the most similar in a random pool of 4,096)",
     }
 
     def setup(self, world, seed, suite):
@@ -221,7 +249,7 @@ class Homogenization(MetricComponent):
         U = _user_factors(model.policy, model.world)
         if U is None:
             partner = (q + rng.integers(1, max(n, 2), size=len(q))) % n
-        else:
+        elif n <= SIMILAR_DENSE_USERS:
             U = U[:n].astype(np.float64)
             norms = np.linalg.norm(U, axis=1)
             Un = U / np.where(norms > 0, norms, 1)[:, None]
@@ -229,6 +257,8 @@ class Homogenization(MetricComponent):
             sims[np.arange(len(q)), q] = -np.inf
             sims += rng.random(sims.shape) * 1e-9  # random tie-breaking
             partner = np.argmax(sims, axis=1)
+        else:
+            partner = _most_similar(U, q, n, rng)
         return np.stack([q, partner], axis=1)
 
     def compute(self, model, fb, popularity):
@@ -240,7 +270,8 @@ class Homogenization(MetricComponent):
         pos = np.minimum(pos, len(fb.users) - 1)
         both = (fb.users[pos] == self.pairs).all(axis=1)
         if both.any():
-            rows.append(("rec_similarity", "", M.mean_pair_jaccard_slates(fb.slates, pos[both])))
+            need, local = np.unique(pos[both], return_inverse=True)  # only the paired users' slates
+            rows.append(("rec_similarity", "", M.mean_pair_jaccard_slates(fb.slates[need], local.reshape(-1, 2))))
         pairs = self._similar_pairs(model)
         us = np.unique(pairs)
         ip, it = model.history.csr(us)
@@ -248,11 +279,49 @@ class Homogenization(MetricComponent):
         return rows
 
 
+#: homogenization_similar: exact dense search up to this many users; beyond, each sampled user's
+#: partner is the most similar among a random pool of at most SIMILAR_POOL users, streamed in blocks
+SIMILAR_DENSE_USERS = 512
+SIMILAR_POOL = 4096
+_SIMILAR_BLOCK = 4096
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    norms = np.linalg.norm(X, axis=1)
+    return X / np.where(norms > 0, norms, 1)[:, None]
+
+
+def _most_similar(U: np.ndarray, q: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Most cosine-similar partner of each user in ``q`` among a random candidate pool (bounded
+    memory and time: |q| x block float32 products). Candidates come in random order and the first
+    maximum wins, so ties break at random."""
+    cand = rng.permutation(n) if n <= SIMILAR_POOL else rng.choice(n, size=SIMILAR_POOL, replace=False)
+    Q = _unit_rows(U[q]).astype(np.float32)
+    slot = np.full(n, -1, np.int64)
+    slot[cand] = np.arange(len(cand))
+    self_slot = slot[q]  # where each sampled user sits in the pool (-1: not in it)
+    best = np.full(len(q), -np.inf, np.float32)
+    partner = np.zeros(len(q), np.int64)
+    rows = np.arange(len(q))
+    for lo in range(0, len(cand), _SIMILAR_BLOCK):
+        c = cand[lo:lo + _SIMILAR_BLOCK]
+        sims = Q @ _unit_rows(U[c]).astype(np.float32).T
+        mine = (self_slot >= lo) & (self_slot < lo + len(c))
+        sims[rows[mine], self_slot[mine] - lo] = -np.inf  # not oneself
+        j = np.argmax(sims, axis=1)
+        v = sims[rows, j]
+        better = v > best
+        best[better] = v[better]
+        partner[better] = c[j[better]]
+    return partner
+
+
 def _user_factors(policy, world):
     """The policy's current user embedding (None when it has none, e.g. popularity or random)."""
     for pol in (policy, getattr(policy, "retrieval", None)):
         f = pol.factors(world) if pol is not None else None
-        if f is not None and f[0].shape[1] > 1 and np.abs(f[0]).sum() > 0:
+        if f is not None and f[0].shape[1] > 1 and f[0].any():
             return f[0]
     return None
 
@@ -303,7 +372,7 @@ class DriftMetric(MetricComponent):
     def compute(self, model, fb, popularity):
         u = fb.users
         w = model.world
-        d = M.drift(w.users.prefs[u], w.users.prefs0[u])
+        d = _drift_rows(w.users.prefs, u, w.users.prefs0, u)
         rows = [
             ("drift_mean", "", float(np.mean(d["cosine_distance"]))),
             ("drift_p90", "", float(np.percentile(d["cosine_distance"], 90))),
@@ -312,9 +381,30 @@ class DriftMetric(MetricComponent):
         ]
         hit = fb.chosen_item >= 0
         if hit.any():
-            bt = M.drift(w.items.attrs[fb.chosen_item[hit]], w.users.prefs[u[hit]])["cosine_distance"]
+            bt = _drift_rows(w.items.attrs, fb.chosen_item[hit], w.users.prefs, u[hit])["cosine_distance"]
             rows.append(("bubble_tightness", "", float(np.mean(bt))))
         return rows
+
+
+def _drift_rows(A, ia, B, ib) -> dict[str, np.ndarray]:
+    """:func:`recloop.analysis.metrics.drift` of rows A[ia] vs B[ib], fused (no gathered copies)."""
+    from recloop.sim import kernels
+
+    if not kernels.HAVE_NUMBA or len(ia) == 0:
+        return M.drift(A[ia], B[ib])
+    from recloop.sim.engine import default_workers, parallel_rows
+
+    n = len(ia)
+    out = {name: np.empty(n, np.float64) for name in ("cosine_distance", "angle", "l2")}
+    A, B = np.ascontiguousarray(A), np.ascontiguousarray(B)
+    ia, ib = np.asarray(ia, np.int64), np.asarray(ib, np.int64)
+    cd, an, l2 = out["cosine_distance"], out["angle"], out["l2"]
+
+    def rows(lo, hi):
+        kernels.row_drift(A, ia[lo:hi], B, ib[lo:hi], cd[lo:hi], an[lo:hi], l2[lo:hi])
+
+    parallel_rows(n, rows, default_workers(), min_rows=4096)
+    return out
 
 
 @register("metric", "fairness")
@@ -424,9 +514,16 @@ class MetricSuite:
         return self._sample[np.isin(self._sample, active, assume_unique=True)]
 
     def compute(self, model, fb, popularity) -> list[Row]:
+        from recloop.sim.engine import blas_single_thread
+
         rows: list[Row] = []
-        for c in self.components:
-            rows.extend((m, g, float(v)) for m, g, v in c.compute(model, fb, popularity))
+        self._cycle = {}  # per-cycle shared intermediates (exposure counts); dropped afterwards
+        try:
+            with blas_single_thread():  # metric products are small: one BLAS thread is faster
+                for c in self.components:
+                    rows.extend((m, g, float(v)) for m, g, v in c.compute(model, fb, popularity))
+        finally:
+            self._cycle = None
         return rows
 
     def state_dict(self) -> dict:

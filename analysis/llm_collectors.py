@@ -103,18 +103,22 @@ class LLMGeneration(MetricComponent):
     """LLM risk metrics of the LLM's own outputs (phase generation), per LLM role (none without one)."""
 
     METRICS = {
-        "llm_hall_rate": "L-HALL share of generated titles matching no real catalog item (tau=0.7; a match to a "
-                         "phantom item counts as a hallucination); role=augmenter,phase=generation",
-        "llm_duplicate_rate": "L-HALL matched titles repeating an item earlier in the same answer / generated",
+        "llm_hall_rate": "L-HALL share of generated titles matching no real catalog item (tau=0.7; "
+        "a match to a phantom item counts as a hallucination); role=augmenter,phase=generation",
+        "llm_duplicate_rate": "L-HALL matched titles repeating an item earlier in the same answer "
+        "/ generated",
         "llm_out_of_candidate_rate": "L-HALL matched items not among the candidates shown / matched",
         "llm_match_score": "L-HALL mean difflib match score over generated titles",
-        "llm_lpd": "L-POPBIAS LPD: mean log10(1+phi) of the LLM's items (generation: matched generated items; "
-                   "recommendation: final slates) minus that of the user's history (>0: more popular)",
+        "llm_lpd": "L-POPBIAS LPD: mean log10(1+phi) of the LLM's items (generation: matched "
+        "generated items; "
+        "recommendation: final slates) minus that of the user's history (>0: more popular)",
         "llm_head_share": "L-POPBIAS share of the LLM's items in the short head (M-APLT head, pop_ratio 0.8)",
         "llm_ks_catalog": "L-POPBIAS KS statistic of the items' popularity percentiles vs the catalog's",
-        "llm_cold_share": "share of matched generated items that were cold (no interactions) - LLMRec cold start",
-        "llm_malformed_rate": "malformed answers (empty, unparsable, too_long, timeout, budget, backend_error) "
-                              "/ requests this cycle, per role",
+        "llm_cold_share": "share of matched generated items that were cold (no interactions) - "
+        "LLMRec cold start",
+        "llm_malformed_rate": "malformed answers (empty, unparsable, too_long, timeout, budget, "
+        "backend_error) "
+        "/ requests this cycle, per role",
         "llm_augmented": "pseudo-interactions added to the training log in this round (R1)",
         "llm_new_phantoms": "phantom items created in this round (R1, unmatched: phantom)",
         "llm_served": "users whose slate the LLM re-ranked this cycle (R3)",
@@ -155,9 +159,10 @@ class LLMRecommendation(MetricComponent):
 
     METRICS = {
         "llm_position_bias_slope": "R3 position-bias slope rho (MLE of P(first pick at presented position j) "
-                                   "~ j^-rho; 0 = none; meaningful with shuffles > 0); role=ranker,phase=recommendation",
-        "llm_rank_pop_corr": "R3 Spearman correlation of candidate popularity with the LLM-assigned rank number "
-                             "(negative = popular candidates ranked higher), mean over prompts",
+        "~ j^-rho; 0 = none; meaningful with shuffles > 0); role=ranker,phase=recommendation",
+        "llm_rank_pop_corr": "R3 Spearman correlation of candidate popularity with the LLM-assigned "
+        "rank number "
+        "(negative = popular candidates ranked higher), mean over prompts",
         "llm_lpd_shift": "R3 LPD of the LLM's slates minus LPD of the base order's slates (same users)",
         "llm_slate_change": "R3 share of top-k slots the LLM changed relative to the base order",
     }
@@ -175,15 +180,24 @@ class LLMRecommendation(MetricComponent):
                 if c.get("step") != fb.step or not c.get("users"):
                     continue
                 if c["first_pos"]:
-                    rows.append(("llm_position_bias_slope", g, L.position_bias_slope(c["first_pos"], c["n_presented"])))
+                    rows.append(
+                        (
+                            "llm_position_bias_slope",
+                            g,
+                            L.position_bias_slope(c["first_pos"], c["n_presented"]),
+                        )
+                    )
                     rows.append(("llm_rank_pop_corr", g, mean_spearman(c["cand_pops"], c["ranks"])))
                 users = np.asarray(c["users"], np.int64)
                 llm = np.asarray(c["llm_topk"], np.int64)
                 base = np.asarray(c["base_topk"], np.int64)
                 lpd_llm, head = _slate_lpd(llm, users, model.history, pop)
                 lpd_base, _ = _slate_lpd(base, users, model.history, pop)
-                rows += [("llm_lpd", g, lpd_llm), ("llm_head_share", g, head),
-                         ("llm_lpd_shift", g, lpd_llm - lpd_base)]
+                rows += [
+                    ("llm_lpd", g, lpd_llm),
+                    ("llm_head_share", g, head),
+                    ("llm_lpd_shift", g, lpd_llm - lpd_base),
+                ]
                 same = (llm[:, :, None] == base[:, None, :]).any(axis=2) & (llm >= 0)
                 shown = (llm >= 0).sum()
                 rows.append(("llm_slate_change", g, 1.0 - same.sum() / shown if shown else NAN))
@@ -203,14 +217,15 @@ class LLMFeedback(MetricComponent):
     hallucinated interactions, phantom exposure, fallbacks."""
 
     METRICS = {
-        "llm_log_share": "share of the training log with provenance llm_augmented; role=augmenter,phase=feedback_loop",
+        "llm_log_share": "share of the training log with provenance llm_augmented; "
+        "role=augmenter,phase=feedback_loop",
         "llm_augmented_cum": "cumulative llm_augmented interactions logged",
         "llm_phantom_items": "phantom (hallucinated) items in the catalog",
         "llm_phantom_exposure": "share of shown slots (all users, this cycle) holding phantom items",
         "llm_phantom_consumption": "share of this cycle's consumed items that are phantom items",
         "llm_phantom_in_log": "share of the training log's interactions on phantom items",
         "llm_fallback_rate": "cumulative share of LLM decisions that fell back (R1: users not augmented; "
-                             "R3: users keeping the base order; others: fallbacks/requests), per role",
+        "R3: users keeping the base order; others: fallbacks/requests), per role",
     }
 
     def compute(self, model, fb, popularity):
@@ -236,8 +251,11 @@ class LLMFeedback(MetricComponent):
                     ch = fb.chosen_item[(fb.chosen_item >= 0) & (fb.chosen_item < len(ph))]
                     n_ch = int((fb.chosen_item >= 0).sum())
                     rows.append(("llm_phantom_consumption", g, float(ph[ch].sum()) / n_ch if n_ch else 0.0))
-                    items = np.concatenate([c[2] for c in model.log.initial + model.log.chunks]) \
-                        if (model.log.initial or model.log.chunks) else np.zeros(0, np.int64)
+                    items = (
+                        np.concatenate([c[2] for c in model.log.initial + model.log.chunks])
+                        if (model.log.initial or model.log.chunks)
+                        else np.zeros(0, np.int64)
+                    )
                     inside = items[items < len(ph)]
                     rows.append(("llm_phantom_in_log", g, float(ph[inside].sum()) / max(len(items), 1)))
                 else:

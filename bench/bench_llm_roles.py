@@ -2,12 +2,16 @@
 
     python bench/bench_llm_roles.py [--users 10000] [--items 2000] [--steps 8] [--users-per-cycle 100]
 
-Each configuration runs in a real FeedbackLoop (BPR, retrained every cycle, fresh response cache
-in a temporary run directory, so every LLM request is a real surrogate call plus a cache write).
+Each configuration runs in a real FeedbackLoop (BPR retrained every cycle; a temporary run directory,
+so with the cache on every LLM request is a real surrogate call plus a cache write).
 The overhead compares the median cycle time (retrain included: R1 works inside ``fit``) of
 
 * R1 ``llm_augmented`` over BPR against plain BPR;
 * R3 a pipeline BPR -> ``llm_rank`` re-ranker against the same pipeline without the re-ranker.
+
+The LLM risk metric components are on in every configuration (they emit nothing without an LLM role).
+By default (``cache: auto``) surrogate responses are not written to disk; ``--cache on`` measures
+the cost of the response cache too (one small JSON file per request).
 
 The first ``--warmup`` cycles are dropped. Prints a table and one JSON line per configuration.
 """
@@ -22,41 +26,91 @@ import tempfile
 import time
 
 
-def scenario(n_users: int, n_items: int, steps: int, policy: dict):
+def scenario(n_users: int, n_items: int, steps: int, policy: dict, cache="auto"):
     from recloop.sim.config import validate_mapping
 
-    return validate_mapping({
-        "name": "bench-llm-roles",
-        "seed": 0,
-        "steps": steps,
-        "k": 10,
-        "world": {"type": "chaney", "n_users": n_users, "n_items": n_items, "dim": 16, "n_creators": 0},
-        "users": {"choice": {"type": "mnl", "temperature": 0.05, "no_click_utility": 0.02}},
-        "policy": policy,
-        "retrain": {"every": 1, "warm_start": True},
-        "initial_log": {"interactions_per_user": 10},
-        "metrics": {"include": ["utility", "exposure"], "user_sample": 1000, "regret_sample": 0},
-        "llm": {"backend": {"type": "surrogate"}},
-    })
+    return validate_mapping(
+        {
+            "name": "bench-llm-roles",
+            "seed": 0,
+            "steps": steps,
+            "k": 10,
+            "world": {"type": "chaney", "n_users": n_users, "n_items": n_items, "dim": 16, "n_creators": 0},
+            "users": {"choice": {"type": "mnl", "temperature": 0.05, "no_click_utility": 0.02}},
+            "policy": policy,
+            "retrain": {"every": 1, "warm_start": True},
+            "initial_log": {"interactions_per_user": 10},
+            "metrics": {
+                "include": ["utility", "exposure", "llm_generation", "llm_recommendation", "llm_feedback"],
+                "user_sample": 1000,
+                "regret_sample": 0,
+            },
+            "llm": {"backend": {"type": "surrogate"}, "cache": cache},
+        }
+    )
+
+
+_ROLE_CPU = [0.0]
+
+
+def _instrument() -> None:
+    """Count the CPU time spent inside the LLM stages (R1 ``augment``, R3 ``rerank``) and the LLM
+    metric components, so the overhead can also be read directly (robust to machine load)."""
+    from recloop.analysis import llm_collectors as C
+    from recloop.recommenders.llm import roles
+
+    def wrap(cls, name):
+        f = getattr(cls, name)
+
+        def g(*a, **k):
+            t = time.process_time()
+            try:
+                return f(*a, **k)
+            finally:
+                _ROLE_CPU[0] += time.process_time() - t
+
+        setattr(cls, name, g)
+
+    wrap(roles.LLMAugmented, "augment")
+    wrap(roles.LLMRank, "rerank")
+    for cls in (C.LLMGeneration, C.LLMRecommendation, C.LLMFeedback):
+        wrap(cls, "compute")
 
 
 def run(name: str, policy: dict, args) -> dict:
     from recloop.sim.model import FeedbackLoop
 
-    sc = scenario(args.users, args.items, args.steps, policy)
+    sc = scenario(args.users, args.items, args.steps, policy, cache=args.cache)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         model = FeedbackLoop(sc, name, sc.policy, 0, run_dir=tmp)
         setup = time.perf_counter() - t0
+        cpu: list[float] = []
+        role_cpu: list[float] = []
         for _ in range(args.steps):
+            c0, r0 = time.process_time(), _ROLE_CPU[0]
             model.step()
-        cyc = model.timings["cycle"][args.warmup:]
+            cpu.append(time.process_time() - c0)
+            role_cpu.append(_ROLE_CPU[0] - r0)
+        cyc = model.timings["cycle"][args.warmup :]
+        cpu, role_cpu = cpu[args.warmup :], role_cpu[args.warmup :]
         svc = model.llm_service
         acc = svc.accounting if svc is not None else {}
-    return {"bench": "llm_roles", "config": name, "users": args.users, "items": args.items,
-            "cycle_s_median": statistics.median(cyc), "cycle_s_mean": statistics.fmean(cyc), "setup_s": setup,
-            "llm_requests": acc.get("requests", 0), "llm_calls": acc.get("calls", 0),
-            "llm_model_wall_s": acc.get("wall_s", 0.0), "cycles": len(cyc)}
+    return {
+        "bench": "llm_roles",
+        "config": name,
+        "users": args.users,
+        "items": args.items,
+        "cycle_s_median": statistics.median(cyc),
+        "cycle_s_mean": statistics.fmean(cyc),
+        "setup_s": setup,
+        "cycle_cpu_s_median": statistics.median(cpu),
+        "llm_stage_cpu_s_median": statistics.median(role_cpu),
+        "llm_requests": acc.get("requests", 0),
+        "llm_calls": acc.get("calls", 0),
+        "llm_model_wall_s": acc.get("wall_s", 0.0),
+        "cycles": len(cyc),
+    }
 
 
 def main() -> None:
@@ -68,36 +122,88 @@ def main() -> None:
     ap.add_argument("--users-per-cycle", type=int, default=100)
     ap.add_argument("--shuffles", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="alternate baseline/role runs this many times")
+    ap.add_argument(
+        "--cache",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="response cache (auto: off for the surrogate); 'on' adds a file write per request",
+    )
     args = ap.parse_args()
+    args.cache = {"auto": "auto", "on": True, "off": False}[args.cache]
     bpr = {"type": "bpr", "factors": 32}
     upc = args.users_per_cycle
     configs = {
         "bpr": bpr,
-        "r1_augmenter": {"type": "llm_augmented", "base": bpr, "users_per_cycle": upc, "n": 10, "candidates": 40,
-                         "unmatched": "phantom"},
+        "r1_augmenter": {
+            "type": "llm_augmented",
+            "base": bpr,
+            "users_per_cycle": upc,
+            "n": 10,
+            "candidates": 40,
+            "unmatched": "phantom",
+        },
         "pipeline": {"type": "pipeline", "retrieval": bpr, "candidates": 50},
-        "r3_ranker": {"type": "pipeline", "retrieval": bpr, "candidates": 50,
-                      "reranker": {"type": "llm_rank", "mode": "generate", "max_candidates": 20,
-                                   "shuffles": args.shuffles, "users_per_cycle": upc}},
+        "r3_ranker": {
+            "type": "pipeline",
+            "retrieval": bpr,
+            "candidates": 50,
+            "reranker": {
+                "type": "llm_rank",
+                "mode": "generate",
+                "max_candidates": 20,
+                "shuffles": args.shuffles,
+                "users_per_cycle": upc,
+            },
+        },
     }
+    _instrument()
     results: dict[str, list[dict]] = {k: [] for k in configs}
     for _ in range(args.repeats):
         for name, pol in configs.items():
             results[name].append(run(name, pol, args))
-    med = {k: statistics.median(r["cycle_s_median"] for r in v) for k, v in results.items()}
-    overhead = {"r1_augmenter": med["r1_augmenter"] / med["bpr"] - 1.0,
-                "r3_ranker": med["r3_ranker"] / med["pipeline"] - 1.0}
-    print(f"{'config':14s} {'cycle_s (median)':>17s} {'LLM requests':>13s}")
+
+    def med(k, field):
+        return statistics.median(r[field] for r in results[k])
+
+    pairs = {"r1_augmenter": "bpr", "r3_ranker": "pipeline"}
+    overhead = {}
+    for role, base in pairs.items():
+        overhead[role] = {
+            "wall": med(role, "cycle_s_median") / med(base, "cycle_s_median") - 1.0,
+            "cpu": med(role, "cycle_cpu_s_median") / med(base, "cycle_cpu_s_median") - 1.0,
+            "llm_stage_cpu": med(role, "llm_stage_cpu_s_median") / med(base, "cycle_cpu_s_median"),
+        }
+    print(
+        f"{'config':14s} {'wall s/cycle':>13s} {'CPU s/cycle':>12s} {'LLM-stage CPU s':>16s} "
+        f"{'LLM requests':>13s}"
+    )
     for k, v in results.items():
-        print(f"{k:14s} {med[k]:17.4f} {v[-1]['llm_requests']:13d}")
+        print(
+            f"{k:14s} {med(k, 'cycle_s_median'):13.4f} {med(k, 'cycle_cpu_s_median'):12.4f} "
+            f"{med(k, 'llm_stage_cpu_s_median'):16.4f} {v[-1]['llm_requests']:13d}"
+        )
     for k, v in overhead.items():
-        print(f"overhead {k}: {100 * v:+.1f} %")
-    for k, v in results.items():
+        print(
+            f"overhead {k} vs {pairs[k]}: wall {100 * v['wall']:+.1f} %, CPU {100 * v['cpu']:+.1f} %, "
+            f"LLM stage alone {100 * v['llm_stage_cpu']:.1f} % of the baseline cycle (CPU)"
+        )
+    for v in results.values():
         for r in v:
             print(json.dumps(r))
-    print(json.dumps({"bench": "llm_roles_overhead", "users": args.users, "users_per_cycle": upc,
-                      "shuffles": args.shuffles, "overhead": overhead, "machine": platform.machine(),
-                      "python": platform.python_version()}))
+    print(
+        json.dumps(
+            {
+                "bench": "llm_roles_overhead",
+                "users": args.users,
+                "users_per_cycle": upc,
+                "shuffles": args.shuffles,
+                "cache": args.cache,
+                "overhead": overhead,
+                "machine": platform.machine(),
+                "python": platform.python_version(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,13 @@ never takes more than an eighth of the memory that is free (psutil).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -135,13 +139,23 @@ class Backend:
     name: str = "numpy"
     device: str = "cpu"
     gpu: bool = False
+    workers: int = 1  # set by the engine: threads for row-parallel kernels
 
     # -- generic (host) score blocks ---------------------------------------------------------
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return np.matmul(a, b, out=out)
 
-    def topk(self, S: np.ndarray, k: int, excl=None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of a host score block ``S`` (rows, m) with an optional exclusion CSR; may write S."""
+    #: chunks may run on the engine's worker threads (BLAS pinned to one thread each)
+    poolable: ClassVar[bool] = True
+
+    #: whether ``topk`` uses ``hint`` (items expected near the top of each row) to skip work
+    uses_hints: ClassVar[bool] = False
+
+    def topk(self, S: np.ndarray, k: int, excl=None, serial: bool = False, hint=None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of a host score block ``S`` (rows, m) with an optional exclusion CSR; may write S.
+
+        ``serial``: the caller is one of several worker threads (no nested parallelism). ``hint``:
+        optional (rows, h) item ids expected near the top (the result never depends on it)."""
         if excl is not None and len(excl[1]):
             if not S.flags.writeable:
                 S = S.copy()
@@ -155,13 +169,13 @@ class Backend:
         b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         return VT, b
 
-    def score_topk(self, prep, U: np.ndarray, k: int, excl, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def score_topk(self, prep, U: np.ndarray, k: int, excl, buf: np.ndarray, serial: bool = False, hint=None):
         VT, b = prep
         S = buf[: U.shape[0]]
         self.matmul(U, VT, out=S)
         if b is not None:
             S += b
-        return self.topk(S, k, excl)
+        return self.topk(S, k, excl, serial, hint)
 
     def free_bytes(self) -> int | None:
         return None
@@ -178,16 +192,29 @@ class NumbaBackend(Backend):
             raise ImportError("numba is not importable")
         self.k = kernels
 
-    def topk(self, S, k, excl=None):
+    uses_hints = True
+
+    def topk(self, S, k, excl=None, serial=False, hint=None):
         n = S.shape[0]
         k = min(k, S.shape[1])
         if excl is None:
             excl = (np.zeros(n + 1, np.int64), EMPTY_I64)
+        if hint is None or hint.shape[0] != n:
+            hint = np.full((n, 0), -1, np.int32)
+        hint = np.ascontiguousarray(hint, dtype=np.int32)
         S = np.ascontiguousarray(S, dtype=np.float32)
         out_i = np.empty((n, k), np.int64)
         out_v = np.empty((n, k), np.float32)
         if n and k:
-            self.k.topk_rows(S, k, excl[0], excl[1], out_i, out_v)
+            ptr, ex = excl
+
+            def rows(lo, hi):
+                self.k.topk_rows(S[lo:hi], k, ptr[lo:hi + 1], ex, hint[lo:hi], out_i[lo:hi], out_v[lo:hi])
+
+            if serial:
+                rows(0, n)
+            else:
+                parallel_rows(n, rows, self.workers)
         return out_i, out_v
 
 
@@ -201,6 +228,7 @@ class TorchBackend(Backend):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__("torch", device=device, gpu=device.startswith("cuda"))
+        self.poolable = False  # torch has its own intra-op threads
 
     def _topk_tensor(self, S, k: int):
         torch = self.torch
@@ -231,7 +259,7 @@ class TorchBackend(Backend):
             torch = self.torch
             S[torch.from_numpy(r).to(S.device), torch.from_numpy(c).to(S.device)] = float("-inf")
 
-    def topk(self, S, k, excl=None):
+    def topk(self, S, k, excl=None, serial=False, hint=None):
         torch = self.torch
         if not S.flags.writeable:
             S = S.copy()
@@ -245,7 +273,7 @@ class TorchBackend(Backend):
         b = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)).to(self.device)
         return VT, b
 
-    def score_topk(self, prep, U, k, excl, buf):
+    def score_topk(self, prep, U, k, excl, buf, serial=False, hint=None):
         torch = self.torch
         VT, b = prep
         Ut = torch.from_numpy(U).to(self.device)
@@ -273,8 +301,9 @@ class CupyBackend(Backend):
             import cupy as xp  # noqa: F811
         self.xp = xp
         super().__init__("cupy", device="cuda", gpu=xp is not np)
+        self.poolable = False
 
-    def topk(self, S, k, excl=None):
+    def topk(self, S, k, excl=None, serial=False, hint=None):
         xp = self.xp
         Sd = xp.array(np.ascontiguousarray(S, dtype=np.float32))
         return self._topk_dev(Sd, k, excl)
@@ -292,7 +321,7 @@ class CupyBackend(Backend):
         b = None if bias is None else xp.asarray(np.asarray(bias, np.float32))
         return VT, b
 
-    def score_topk(self, prep, U, k, excl, buf):
+    def score_topk(self, prep, U, k, excl, buf, serial=False, hint=None):
         xp = self.xp
         VT, b = prep
         S = xp.asarray(U) @ VT
@@ -402,20 +431,102 @@ def _available_memory() -> int | None:
         return None
 
 
+def default_workers() -> int:
+    """Worker threads for chunked scoring: ``RECLOOP_ENGINE_WORKERS``, else the usable cores (max 16)."""
+    env = os.environ.get("RECLOOP_ENGINE_WORKERS")
+    if env:
+        return max(1, int(env))
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 16))
+
+
+_POOL: dict[str, object] = {"pid": None, "pool": None, "size": 0, "blas": None}
+_POOL_LOCK = threading.Lock()
+
+
+def _worker_pool(size: int) -> ThreadPoolExecutor:
+    """A process-wide thread pool (recreated after fork: a child does not inherit live threads)."""
+    with _POOL_LOCK:
+        if _POOL["pid"] != os.getpid() or _POOL["size"] < size:
+            _POOL.update(pid=os.getpid(), size=size, blas=None,
+                         pool=ThreadPoolExecutor(max_workers=size, thread_name_prefix="recloop-engine"))
+        return _POOL["pool"]  # type: ignore[return-value]
+
+
+class _BlasOneThread:
+    """Pin BLAS to one thread per worker while the pool runs (threadpoolctl), then restore."""
+
+    def __enter__(self):
+        self.ctx = None
+        try:
+            ctl = _POOL.get("blas")
+            if ctl is None:
+                from threadpoolctl import ThreadpoolController
+
+                ctl = _POOL["blas"] = ThreadpoolController()
+            self.ctx = ctl.limit(limits=1, user_api="blas")
+            self.ctx.__enter__()
+        except Exception:  # threadpoolctl missing or no BLAS found: run as is
+            self.ctx = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
+
+
+def parallel_rows(n: int, fn: Callable[[int, int], None], workers: int, min_rows: int = 32) -> None:
+    """Run ``fn(lo, hi)`` over contiguous row blocks on the worker pool (inline for one worker).
+
+    ``fn`` must release the GIL to gain anything (the Numba kernels do) and must not itself use the
+    pool (no nesting)."""
+    w = min(workers, max(1, n // min_rows))
+    if w <= 1:
+        fn(0, n)
+        return
+    cuts = np.linspace(0, n, w + 1).astype(np.int64)
+    pool = _worker_pool(w)
+    futs = [pool.submit(fn, int(cuts[i]), int(cuts[i + 1])) for i in range(w)]
+    for f in futs:
+        f.result()
+
+
+def blas_single_thread() -> _BlasOneThread:
+    """Context manager pinning BLAS to one thread (small products: thread start-up and spinning cost
+    more than they save, especially on a loaded machine)."""
+    return _BlasOneThread()
+
+
 # ---------------------------------------------------------------------------------------------
 # the engine
 # ---------------------------------------------------------------------------------------------
 class ScoringEngine:
-    """Chunked users x items scoring with a fused, exclusion-aware top-k."""
+    """Chunked users x items scoring with a fused, exclusion-aware top-k.
+
+    With several cores, the chunks of the BLAS fast path run on a pool of worker threads (one per
+    core, BLAS pinned to one thread each; the product and the Numba top-k release the GIL), while the
+    calling thread runs the ``on_chunk`` callbacks (choice) on finished batches, in user order.
+    """
 
     #: default score-block size on a GPU (bigger blocks keep the device busy)
     GPU_CHUNK_MIB = 256.0
 
-    def __init__(self, backend: str = "auto", chunk_rows: int | None = None, chunk_mib: float = 16.0):
+    def __init__(self, backend: str = "auto", chunk_rows: int | None = None, chunk_mib: float = 16.0,
+                 workers: int | None = None):
         self.backend = make_backend(backend)
         self.backend_name = self.backend.name
         self.chunk_rows = chunk_rows
         self.chunk_mib = chunk_mib
+        self.workers = default_workers() if workers is None else max(1, int(workers))
+        self.backend.workers = self.workers
+        #: warm start: each user's previous slate (per kind of call) seeds a lower bound for the next
+        #: top-k (exact: the bound is recomputed from the current scores); turned off, results are equal
+        self.warm_start = True
+        self._prev: dict[tuple, np.ndarray] = {}
 
     def rows_per_chunk(self, n_items: int) -> int:
         """Users per score block: ``chunk_rows``, else ``chunk_mib`` of float32, memory-capped."""
@@ -428,8 +539,9 @@ class ScoringEngine:
         rows = max(1, int(mib * 2**20 // row_bytes))
         free = self.backend.free_bytes() if self.backend.gpu else _available_memory()
         if free:
-            # a chunk holds the score block plus small per-row extras; keep it under free/8
-            rows = min(rows, max(1, int(free // 8 // (row_bytes + 256))))
+            # every worker holds one score block plus small per-row extras; keep them under free/8
+            per = max(1, self.workers if not self.backend.gpu else 1)
+            rows = min(rows, max(1, int(free // 8 // per // (row_bytes + 256))))
         return rows
 
     def chunks(self, n: int, n_items: int) -> Iterator[slice]:
@@ -437,30 +549,103 @@ class ScoringEngine:
         for lo in range(0, n, step):
             yield slice(lo, min(lo + step, n))
 
-    def _callback_step(self, step: int) -> int:
-        return max(step, CALLBACK_ROWS) // step * step
+    def _hints(self, key, users: np.ndarray, kk: int):
+        """Per-user previous slates for the chunk (-1 where unknown), or None."""
+        prev = self._prev.get(key)
+        if prev is None or not self.warm_start:
+            return None
+        inside = users < len(prev)
+        if inside.all():
+            return prev[users]
+        out = np.full((len(users), kk), -1, np.int32)
+        out[inside] = prev[users[inside]]
+        return out
 
-    def _run(self, users, k, n_items, chunk_fn, exclude, on_chunk):
+    def _remember(self, key, users: np.ndarray, out_i: np.ndarray, kk: int) -> None:
+        if not (self.warm_start and self.backend.uses_hints) or len(users) == 0 or kk == 0:
+            return
+        prev = self._prev.get(key)
+        need = int(users.max()) + 1
+        if prev is None or len(prev) < need:
+            grown = np.full((max(need, 2 * len(prev)) if prev is not None else need, kk), -1, np.int32)
+            if prev is not None:
+                grown[: len(prev)] = prev
+            prev = self._prev[key] = grown
+        prev[users] = out_i[:, :kk]
+
+    def _run(self, users, k, n_items, chunk_fn, exclude, on_chunk, pooled: bool = False, key=None):
+        """Chunk loop: ``chunk_fn(ids, kk, excl, buf, serial, hint) -> (idx, vals)`` per chunk."""
         users = np.asarray(users, dtype=np.int64)
         n = len(users)
         kk = min(k, n_items)
+        key = None if key is None or not self.backend.uses_hints else (*key, kk, n_items)
         out_i = np.full((n, k), -1, dtype=np.int64)
         out_s = np.full((n, k), NEG_INF, dtype=np.float32)
         step = self.rows_per_chunk(n_items)
-        cb_every = self._callback_step(step)
-        cb_lo = 0
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
+        bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+        cb_every = max(step, CALLBACK_ROWS) // step * step
+        state = {"cb_lo": 0}
+
+        def callback(hi):
+            if on_chunk is not None and (hi - state["cb_lo"] >= cb_every or hi == n):
+                sl = slice(state["cb_lo"], hi)
+                on_chunk(sl, out_i[sl], out_s[sl])
+                state["cb_lo"] = hi
+
+        def do_chunk(lo, hi, buf, serial):
             ids = users[lo:hi]
-            excl = exclusion_csr(exclude, ids)
             if kk > 0:
-                idx, vals = chunk_fn(ids, kk, excl)
+                hint = None if key is None else self._hints(key, ids, kk)
+                idx, vals = chunk_fn(ids, kk, exclusion_csr(exclude, ids), buf, serial, hint)
                 out_i[lo:hi, :kk] = idx
                 out_s[lo:hi, :kk] = vals
-            if on_chunk is not None and (hi - cb_lo >= cb_every or hi == n):
-                sl = slice(cb_lo, hi)
-                on_chunk(sl, out_i[sl], out_s[sl])
-                cb_lo = hi
+
+        n_workers = min(self.workers, len(bounds))
+        if not (pooled and self.backend.poolable and n_workers > 1):
+            buf = None if self.backend.gpu else np.empty((min(step, max(n, 1)), n_items), np.float32)
+            for lo, hi in bounds:
+                do_chunk(lo, hi, buf, False)
+                callback(hi)
+            if key is not None:
+                self._remember(key, users, out_i, kk)
+            return out_i, out_s
+
+        done = [threading.Event() for _ in bounds]
+        errors: list[BaseException] = []
+        counter = itertools.count()
+
+        def worker():
+            buf = np.empty((min(step, n), n_items), np.float32)
+            while not errors:
+                i = next(counter)  # dynamic scheduling: a slowed worker simply takes fewer chunks
+                if i >= len(bounds):
+                    return
+                try:
+                    do_chunk(*bounds[i], buf, True)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                    errors.append(exc)
+                finally:
+                    done[i].set()
+
+        pool = _worker_pool(n_workers)
+        with _BlasOneThread():
+            futs = [pool.submit(worker) for _ in range(n_workers)]
+            try:
+                for i, (_, hi) in enumerate(bounds):
+                    done[i].wait()
+                    if errors:
+                        break
+                    callback(hi)
+            except BaseException as exc:
+                errors.append(exc)
+                raise
+            finally:
+                for f in futs:
+                    f.result()
+        if errors:
+            raise errors[0]
+        if key is not None:
+            self._remember(key, users, out_i, kk)
         return out_i, out_s
 
     def topk(
@@ -476,16 +661,17 @@ class ScoringEngine:
 
         ``exclude`` is any object with ``rows_csr(user_ids)`` or ``pairs(user_ids) -> (rows, items)``
         (e.g. :class:`History`). ``on_chunk(sl, items, scores)`` runs after each batch of users (at
-        least :data:`CALLBACK_ROWS` at a time) with their final slates: fused choice, streaming metrics.
+        least :data:`CALLBACK_ROWS` at a time, in order) with their final slates: fused choice,
+        streaming metrics. Policies' scoring functions run on the calling thread.
         """
 
-        def chunk_fn(ids, kk, excl):
+        def chunk_fn(ids, kk, excl, buf, serial, hint):
             S = score_chunk(ids)
             if S.dtype != np.float32:
                 S = S.astype(np.float32)
-            return self.backend.topk(S, kk, excl)
+            return self.backend.topk(S, kk, excl, serial, hint)
 
-        return self._run(users, k, n_items, chunk_fn, exclude, on_chunk)
+        return self._run(users, k, n_items, chunk_fn, exclude, on_chunk, key=("scores",))
 
     def topk_factors(
         self,
@@ -497,17 +683,16 @@ class ScoringEngine:
         exclude=None,
         on_chunk=None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of <U_u, V_i> (+ b_i) with a reused chunk buffer (the BLAS fast path)."""
+        """Top-k of <U_u, V_i> (+ b_i): the BLAS fast path, on the worker pool when there is one."""
         n_items = item_factors.shape[0]
         prep = self.backend.prepare(item_factors, item_bias)
-        rows = min(self.rows_per_chunk(n_items), max(len(users), 1))
-        buf = None if self.backend.gpu else np.empty((rows, n_items), dtype=np.float32)
 
-        def chunk_fn(ids, kk, excl):
+        def chunk_fn(ids, kk, excl, buf, serial, hint):
             U = np.ascontiguousarray(user_factors[ids], dtype=np.float32)
-            return self.backend.score_topk(prep, U, kk, excl, buf)
+            return self.backend.score_topk(prep, U, kk, excl, buf, serial, hint)
 
-        return self._run(users, k, n_items, chunk_fn, exclude, on_chunk)
+        return self._run(users, k, n_items, chunk_fn, exclude, on_chunk, pooled=True,
+                         key=("factors", user_factors.shape[1], item_bias is None))
 
     def random_topk(self, users: np.ndarray, m: int, n_items: int, key, exclude=None) -> np.ndarray:
         """``m`` random distinct items per user: the top-m of hashed uniform scores
@@ -527,14 +712,21 @@ class ScoringEngine:
         n = len(users)
         kk = min(m, n_items)
         out = np.full((n, m), -1, np.int64)
+        ov = np.empty((n, kk), np.float32)
+        oi = np.empty((n, kk), np.int64)
         step = max(1, min(n, 65536))
+        key = np.uint64(key)
         for lo in range(0, n, step):
-            ids = users[lo:lo + step]
+            hi = min(lo + step, n)
+            ids = users[lo:hi]
             excl = exclusion_csr(exclude, ids)
             if excl is None:
                 excl = (np.zeros(len(ids) + 1, np.int64), EMPTY_I64)
-            oi = np.empty((len(ids), kk), np.int64)
-            ov = np.empty((len(ids), kk), np.float32)
-            kernels.hash_topk(np.uint64(key), ids, n_items, kk, excl[0], excl[1], oi, ov)
-            out[lo:lo + len(ids), :kk] = oi
+            ptr, ex = excl
+
+            def rows(a, b, ids=ids, ptr=ptr, ex=ex, lo=lo):
+                kernels.hash_topk(key, ids[a:b], n_items, kk, ptr[a:b + 1], ex, oi[lo + a:lo + b], ov[lo + a:lo + b])
+
+            parallel_rows(len(ids), rows, self.workers)
+        out[:, :kk] = oi
         return out

@@ -2,7 +2,9 @@
 
 Everything here is optional: :mod:`recloop.sim.engine` falls back to NumPy when Numba cannot be
 imported (``HAVE_NUMBA`` is False then). The kernels are compiled on first use and cached on disk
-(``cache=True``), release the GIL (``nogil=True``) and run rows in parallel (``prange``).
+(``cache=True``) and release the GIL (``nogil=True``). They are serial on purpose: the engine runs
+row blocks of them on its own worker threads, so there is no Numba threading layer to configure
+(GNU OpenMP is not fork-safe; the workqueue layer is not thread-safe) and nothing nests.
 
 Top-k semantics (shared with every backend): per row, the ``k`` largest scores, ranked by score
 descending and, on equal scores, by lower item id; excluded items and items scoring ``-inf`` are
@@ -11,19 +13,13 @@ never returned, and slots left empty hold item ``-1`` with score ``-inf``.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 try:  # numba is a dependency, but keep the engine importable without it
     import numba
-    from numba import njit, prange
+    from numba import njit
 
     HAVE_NUMBA = True
-    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-        # runs fork worker processes (runner --workers): GNU OpenMP is not fork-safe, so pick tbb when
-        # installed, else the workqueue layer (fork-safe; kernels are launched from one thread)
-        numba.config.THREADING_LAYER = "forksafe"
 except Exception:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
 
@@ -33,7 +29,6 @@ except Exception:  # pragma: no cover - exercised only where numba is missing
 
         return deco(a[0]) if a and callable(a[0]) else deco
 
-    prange = range
     numba = None
 
 _BLOCK = 64  # items tested per vectorised threshold check (>= 64 lets LLVM vectorise the count)
@@ -52,9 +47,12 @@ def _insert(vals, idx, k, v, j):
 
 
 @njit(cache=True, nogil=True)
-def _scan(row, lo, hi, k, vals, idx, offset):
-    """Offer row[lo:hi] (item ids lo+offset ...) to the buffer; returns nothing, updates in place."""
-    thr = vals[k - 1]
+def _scan(row, lo, hi, k, vals, idx, floor):
+    """Offer row[lo:hi] to the buffer (item ids lo ...), in increasing id order.
+
+    An item enters when it beats the buffer's k-th value and is above ``floor`` (a value known to be
+    below the row's final k-th score; -inf when unknown)."""
+    thr = max(vals[k - 1], floor)
     j = lo
     while j + _BLOCK <= hi:
         c = 0
@@ -64,19 +62,36 @@ def _scan(row, lo, hi, k, vals, idx, offset):
             for t in range(j, j + _BLOCK):
                 v = row[t]
                 if v > thr:
-                    _insert(vals, idx, k, v, t + offset)
-                    thr = vals[k - 1]
+                    _insert(vals, idx, k, v, t)
+                    thr = max(vals[k - 1], floor)
         j += _BLOCK
     while j < hi:
         v = row[j]
         if v > thr:
-            _insert(vals, idx, k, v, j + offset)
-            thr = vals[k - 1]
+            _insert(vals, idx, k, v, j)
+            thr = max(vals[k - 1], floor)
         j += 1
 
 
 @njit(cache=True, nogil=True)
-def _topk_one(row, k, excl, out_val, out_idx):
+def _excluded(ex, i):
+    """Whether item i is in the sorted array ``ex`` (binary search)."""
+    lo = 0
+    hi = ex.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if ex[mid] < i:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < ex.shape[0] and ex[lo] == i
+
+
+@njit(cache=True, nogil=True)
+def _topk_one(row, k, excl, hint, out_val, out_idx):
+    """Top-k of one row. ``hint``: items believed to rank high (e.g. the user's previous slate); when
+    at least k of them are eligible, the smallest of their scores is a lower bound of the k-th score
+    (k real items reach it), so every item below it is skipped without being offered. Exact."""
     # the buffer lives in local arrays (no aliasing with the score row), copied out at the end
     vals = np.empty(k, np.float32)
     idx = np.empty(k, np.int64)
@@ -85,12 +100,29 @@ def _topk_one(row, k, excl, out_val, out_idx):
         idx[p] = -1
     m = row.shape[0]
     ne = excl.shape[0]
+    ex = excl
+    if ne > 1:
+        ex = np.sort(excl)
+    floor = np.float32(-np.inf)
+    if hint.shape[0] >= k:
+        g = np.float32(np.inf)
+        cnt = 0
+        for j in range(hint.shape[0]):
+            i = hint[j]
+            if i < 0 or i >= m:
+                continue
+            if ne > 0 and _excluded(ex, i):
+                continue
+            v = row[i]
+            if v > -np.inf:  # also false for NaN
+                cnt += 1
+                g = min(g, v)
+        if cnt >= k:
+            # items equal to g may still belong to the top-k: test "v > floor" with floor just below g
+            floor = np.nextafter(g, np.float32(-np.inf))
     if ne == 0:
-        _scan(row, 0, m, k, vals, idx, 0)
+        _scan(row, 0, m, k, vals, idx, floor)
     else:
-        ex = excl
-        if ne > 1:
-            ex = np.sort(excl)
         lo = 0
         e = 0
         while lo < m:
@@ -99,45 +131,38 @@ def _topk_one(row, k, excl, out_val, out_idx):
             hi = m
             if e < ne and ex[e] < m:
                 hi = ex[e]
-            _scan(row, lo, hi, k, vals, idx, 0)
+            _scan(row, lo, hi, k, vals, idx, floor)
             lo = hi + 1
     for p in range(k):
         out_val[p] = vals[p]
         out_idx[p] = idx[p]
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def topk_rows(S, k, ex_ptr, ex_idx, out_idx, out_val):
-    """Top-k of every row of ``S`` (n, m) skipping row r's items ex_idx[ex_ptr[r]:ex_ptr[r+1]]."""
-    n = S.shape[0]
-    for r in prange(n):
-        _topk_one(S[r], k, ex_idx[ex_ptr[r]:ex_ptr[r + 1]], out_val[r], out_idx[r])
+@njit(cache=True, nogil=True)
+def topk_rows(S, k, ex_ptr, ex_idx, hint, out_idx, out_val):
+    """Top-k of every row of ``S`` (n, m) skipping row r's items ex_idx[ex_ptr[r]:ex_ptr[r+1]].
+
+    ``hint`` (n, h) int: per row, items expected near the top (-1 = none; h = 0 for no hints).
+    Serial and GIL-free: the engine runs row blocks of it on its worker threads."""
+    for r in range(S.shape[0]):
+        _topk_one(S[r], k, ex_idx[ex_ptr[r]:ex_ptr[r + 1]], hint[r], out_val[r], out_idx[r])
 
 
 @njit(cache=True, nogil=True)
-def topk_rows_serial(S, k, ex_ptr, ex_idx, out_idx, out_val):
-    """As :func:`topk_rows` on the calling thread (for a pool of worker threads)."""
-    n = S.shape[0]
-    for r in range(n):
-        _topk_one(S[r], k, ex_idx[ex_ptr[r]:ex_ptr[r + 1]], out_val[r], out_idx[r])
-
-
-@njit(parallel=True, cache=True, nogil=True)
 def gather_dot(x, users, a, items, out):
-    """out[r, j] = <x[users[r]], a[items[r, j]]> (float32 result, float32 accumulation in d order);
-    0 where items[r, j] < 0. Never materialises the (n, k, d) gather."""
+    """out[r, j] = <x[users[r]], a[max(items[r, j], 0)]> accumulated in float64, stored as float32.
+
+    The slate-utility gather without materialising the (n, k, d) block (serial: it runs on the
+    calling thread next to the engine's workers)."""
     n, k = items.shape
     d = x.shape[1]
-    for r in prange(n):
+    for r in range(n):
         u = users[r]
         for j in range(k):
-            i = items[r, j]
-            if i < 0:
-                out[r, j] = 0.0
-                continue
-            s = np.float32(0.0)
+            i = max(items[r, j], 0)
+            s = 0.0
             for t in range(d):
-                s += x[u, t] * a[i, t]
+                s += np.float64(x[u, t]) * np.float64(a[i, t])
             out[r, j] = s
     return out
 
@@ -165,25 +190,61 @@ def _hash_uniform32(zu, b):
     return np.float32((np.float64(h) + 0.5) * (1.0 / 9007199254740992.0))
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def hash_topk(key, users, n_items, k, ex_ptr, ex_idx, out_idx, out_val):
     """Top-k of the hashed uniform scores hash_uniform(key, user, item) (float32) per user, skipping
     excluded items: ``k`` distinct random items per user without a users x items score matrix."""
     n = users.shape[0]
-    for r in prange(n):
-        row = np.empty(n_items, np.float32)
+    row = np.empty(n_items, np.float32)
+    no_hint = np.empty(0, np.int32)
+    for r in range(n):
         zu = _mix(key + _GOLDEN * (np.uint64(users[r]) + _ONE))
         for i in range(n_items):
             row[i] = _hash_uniform32(zu, i)
-        _topk_one(row, k, ex_idx[ex_ptr[r]:ex_ptr[r + 1]], out_val[r], out_idx[r])
+        _topk_one(row, k, ex_idx[ex_ptr[r]:ex_ptr[r + 1]], no_hint, out_val[r], out_idx[r])
+
+
+# -- metrics -----------------------------------------------------------------------------------------
+@njit(cache=True, nogil=True)
+def row_drift(A, ia, B, ib, cos_dist, angle, l2):
+    """Per pair r of rows (A[ia[r]], B[ib[r]]): 1 - cos, the angle and the L2 distance, accumulated in
+    float64 (the values of ``recloop.analysis.metrics.drift`` without (n, d) temporaries)."""
+    d = A.shape[1]
+    for r in range(ia.shape[0]):
+        a = ia[r]
+        b = ib[r]
+        saa = 0.0
+        sbb = 0.0
+        sab = 0.0
+        sdd = 0.0
+        for t in range(d):
+            x = np.float64(A[a, t])
+            y = np.float64(B[b, t])
+            saa += x * x
+            sbb += y * y
+            sab += x * y
+            sdd += (x - y) * (x - y)
+        na = np.sqrt(saa)
+        nb = np.sqrt(sbb)
+        den = na * nb
+        if den > 0:
+            c = sab / den
+        elif na == 0 and nb == 0:
+            c = 1.0
+        else:
+            c = 0.0
+        c = min(1.0, max(-1.0, c))
+        cos_dist[r] = 1.0 - c
+        angle[r] = np.arccos(c)
+        l2[r] = np.sqrt(sdd)
 
 
 # -- sparse histories ------------------------------------------------------------------------------
-@njit(parallel=True, cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def csr_contains(ptr, idx, users, items, out):
     """out[j] |= items[j] in row users[j] of a CSR whose rows are sorted (binary search)."""
     n_rows = ptr.shape[0] - 1
-    for j in prange(users.shape[0]):
+    for j in range(users.shape[0]):
         u = users[j]
         if out[j] or u < 0 or u >= n_rows:
             continue
@@ -225,19 +286,19 @@ def _merge_row(a, b, out, write):
     return n
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def merge_csr(ptr_a, idx_a, ptr_b, idx_b):
     """Row-wise union of two CSRs with sorted rows (same row count): sorted, duplicates removed."""
     n = ptr_a.shape[0] - 1
     counts = np.empty(n, np.int64)
     dummy = np.empty(0, idx_a.dtype)
-    for r in prange(n):
+    for r in range(n):
         counts[r] = _merge_row(idx_a[ptr_a[r]:ptr_a[r + 1]], idx_b[ptr_b[r]:ptr_b[r + 1]], dummy, False)
     ptr = np.zeros(n + 1, np.int64)
     for r in range(n):
         ptr[r + 1] = ptr[r] + counts[r]
     out = np.empty(ptr[n], idx_a.dtype)
-    for r in prange(n):
+    for r in range(n):
         _merge_row(idx_a[ptr_a[r]:ptr_a[r + 1]], idx_b[ptr_b[r]:ptr_b[r + 1]], out[ptr[r]:ptr[r + 1]], True)
     return ptr, out
 
@@ -251,5 +312,4 @@ def warmup() -> None:
     ex = np.zeros(0, np.int64)
     oi = np.empty((2, 3), np.int64)
     ov = np.empty((2, 3), np.float32)
-    topk_rows(S, 3, ptr, ex, oi, ov)
-    topk_rows_serial(S, 3, ptr, ex, oi, ov)
+    topk_rows(S, 3, ptr, ex, np.full((2, 3), -1, np.int32), oi, ov)

@@ -281,6 +281,9 @@ class FeedbackLoop(mesa.Model):
             self.creators.load_state_dict(state["creators"])
         self.metrics.load_state_dict(state["metrics"], self.world)
         self.timings = defaultdict(list, state.get("timings", {}))
-        if state.get("llm") is not None and self.llm_service is not None:
-            self.llm_service.load_state_dict(state["llm"])
+        self.policy_context.extra["world"] = self.world  # components built before the restore follow it
+        if self.llm_service is not None:
+            self.llm_service.bind_world(self.world)
+            if state.get("llm") is not None:
+                self.llm_service.load_state_dict(state["llm"])
         self.steps = self.t

@@ -125,10 +125,16 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
         "rss_mb_samples": rss_samples[:: max(1, len(rss_samples) // 50)],
     }
     # components may report extra facts for the manifest (e.g. LLM accounting: {"llm": {...}})
-    for comp in (model.policy, *getattr(model.policy, "stages", [])):
+    comps, seen = [model.policy], set()
+    while comps:  # the policy and its stages, recursively (wrappers expose their base as a stage)
+        comp = comps.pop(0)
+        if id(comp) in seen:
+            continue
+        seen.add(id(comp))
         report = getattr(comp, "run_report", None)
         if callable(report):
             entry.update(report())
+        comps.extend(getattr(comp, "stages", None) or [])
     svc = getattr(model, "llm_service", None)
     if svc is not None:
         entry["llm"] = svc.accounting

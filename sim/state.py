@@ -147,9 +147,19 @@ class World:
 
     def true_utility(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """V_ui = <x_u, a_i> for aligned arrays ``users`` (n,) and ``items`` (n, k) → (n, k)."""
-        x = self.users.prefs[users]
-        a = self.items.attrs[np.maximum(items, 0)]
-        return np.einsum("nkd,nd->nk", a, x, optimize=False)
+        from recloop.sim import kernels
+
+        users = np.asarray(users)
+        items = np.asarray(items)
+        x, a = self.users.prefs, self.items.attrs
+        if (kernels.HAVE_NUMBA and items.ndim == 2 and users.ndim == 1 and len(users) == len(items)
+                and x.dtype == np.float32 and a.dtype == np.float32 and x.flags.c_contiguous and a.flags.c_contiguous
+                and (users.size == 0 or (users.min() >= 0 and users.max() < len(x)))
+                and (items.size == 0 or items.max() < len(a))):
+            out = np.empty(items.shape, np.float32)  # fused gather + dot (float64 accumulation)
+            return kernels.gather_dot(x, users.astype(np.int64, copy=False), a, items.astype(np.int64, copy=False),
+                                      out)
+        return np.einsum("nkd,nd->nk", a[np.maximum(items, 0)], x[users], optimize=False)
 
 
 class History:

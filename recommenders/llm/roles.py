@@ -54,7 +54,7 @@ from pydantic import Field, field_validator
 from recloop import registry
 from recloop.recommenders.base import PROVENANCE, Policy, PolicyContext, TrainingData
 from recloop.registry import Params, register
-from recloop.sim.rng import component_rng, derive_key, hash_u64, hash_uniform
+from recloop.sim.rng import component_rng, derive_key, hash_u64
 
 from .matching import TitleMatcher
 from .parsing import parse_ranking, parse_title_list_checked
@@ -84,6 +84,70 @@ def find_llm_roles(policy) -> list:
     return out
 
 
+def match_titles(matcher: TitleMatcher, titles: list[str]) -> list:
+    """``matcher.match(titles)`` with the fuzzy step batched: exact and memoised titles go through
+    :meth:`TitleMatcher.match_one`; the rest are scored against the whole catalog at once with
+    ``rapidfuzz.process.cdist`` (multi-threaded), and each one's ``shortlist`` best are rescored with
+    difflib (the score of record), ties to the lower item id, exactly as ``TitleMatcher`` does (up
+    to ties at the edge of the rapidfuzz shortlist). Results are memoised in the matcher."""
+    from .matching import Match, normalise_title, ratio
+
+    need = ("normalised", "_exact", "_cache", "shortlist", "threshold", "cache_size")
+    if not all(hasattr(matcher, a) for a in need) or len(titles) < 8:
+        return matcher.match(titles)
+    out: list = [None] * len(titles)
+    pending: dict[str, list[int]] = {}
+    exact, cache = matcher._exact, matcher._cache
+    for i, t in enumerate(titles):
+        norm = normalise_title(t)
+        if not norm:
+            out[i] = Match(-1, 0.0, False)
+        elif norm in exact:
+            # a year may pick one of several same-named items: let match_one decide then
+            out[i] = matcher.match_one(t) if "(" in t else Match(exact[norm], 1.0, True)
+        elif norm in cache:
+            out[i] = cache[norm]
+        else:
+            pending.setdefault(norm, []).append(i)
+    if pending:
+        from rapidfuzz import fuzz, process
+
+        cat = matcher.normalised
+        qs = list(pending)
+        sl = min(matcher.shortlist, len(cat))
+        for lo in range(0, len(qs), 64):
+            block = qs[lo : lo + 64]
+            S = process.cdist(block, cat, scorer=fuzz.ratio, dtype=np.float32, workers=-1)
+            top = (
+                np.argpartition(-S, sl - 1, axis=1)[:, :sl]
+                if sl < len(cat)
+                else np.tile(np.arange(len(cat)), (len(block), 1))
+            )
+            for q, norm in enumerate(block):
+                best_item, best = -1, -1.0
+                # descending rapidfuzz score: an Indel ratio is an upper bound on the difflib ratio, so
+                # stop once the bound falls below the best difflib score found (exact, fewer rescorings)
+                cands = sorted(top[q].tolist(), key=lambda j, row=S[q]: (-row[j], j))
+                for idx in cands:
+                    if S[q, idx] / 100.0 + 1e-6 < best:
+                        break
+                    sc = ratio(norm, cat[idx])
+                    if sc > best or (sc == best and idx < best_item):
+                        best_item, best = idx, sc
+                hit = (
+                    Match(best_item, best, False)
+                    if best >= matcher.threshold
+                    else Match(-1, max(best, 0.0), False)
+                )
+                if matcher.cache_size > 0:
+                    if len(matcher._cache) >= matcher.cache_size:
+                        matcher._cache.clear()
+                    matcher._cache[norm] = hit
+                for i in pending[norm]:
+                    out[i] = hit
+    return out
+
+
 def _titles_line(titles: list[str], sep: str = "\n") -> str:
     return sep.join(f"- {t}" for t in titles)
 
@@ -106,6 +170,18 @@ def _first_unique(x: np.ndarray) -> np.ndarray:
     return x[np.sort(first)]
 
 
+def _zscore_rows(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Row-wise z-scores over the masked entries (others -10); rows with < 2 entries give 0."""
+    x = np.where(mask & np.isfinite(x), x, np.nan)
+    cnt = np.sum(~np.isnan(x), axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu = np.nansum(x, axis=1, keepdims=True) / np.maximum(cnt, 1)
+        sd = np.sqrt(np.nansum((x - mu) ** 2, axis=1, keepdims=True) / np.maximum(cnt, 1))
+        z = (x - mu) / np.where(sd > 0, sd, 1.0)
+    z = np.where(cnt >= 2, z, 0.0)
+    return np.where(np.isnan(x), -10.0, z)
+
+
 def _zscore(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     ok = np.isfinite(x)
@@ -126,15 +202,20 @@ class LLMAugmented(Policy):
     example_params = {"base": {"type": "popularity"}, "users_per_cycle": 5, "n": 3, "candidates": 10}
 
     class Params(Params):
-        base: dict = Field(default_factory=lambda: {"type": "bpr"}, description="the policy trained on the "
-                           "augmented log ({type: ..., ...})")
-        users_per_cycle: int = Field(100, ge=0, description="users asked per retrain (seeded by (seed, step))")
+        base: dict = Field(
+            default_factory=lambda: {"type": "bpr"},
+            description="the policy trained on the augmented log ({type: ..., ...})",
+        )
+        users_per_cycle: int = Field(
+            100, ge=0, description="users asked per retrain (seeded by (seed, step))"
+        )
         n: int = Field(10, ge=1, description="titles asked per user")
         candidates: int = Field(40, ge=1, description="candidate pool shown per user (unconsumed items)")
         cold_share: float = Field(0.3, ge=0.0, le=1.0, description="share of the pool drawn from cold items")
         history_len: int = Field(10, ge=0, description="history titles shown per user (a seeded sample)")
-        unmatched: Literal["drop", "phantom"] = Field("drop", description="unmatched titles: dropped, or "
-                                                      "entered as phantom catalog items")
+        unmatched: Literal["drop", "phantom"] = Field(
+            "drop", description="unmatched titles: dropped, or entered as phantom catalog items"
+        )
         threshold: float = Field(0.7, gt=0.0, le=1.0, description="L-HALL tau for title matching")
         every: int = Field(1, ge=1, description="augment at every n-th retrain")
         max_phantoms: int = Field(100_000, ge=0, description="cap on phantom items created in a run")
@@ -172,7 +253,7 @@ class LLMAugmented(Policy):
     # -- delegation ----------------------------------------------------------------------------------
     @property
     def stages(self) -> list:
-        return [self.base, *getattr(self.base, "stages", [])]
+        return [self.base]
 
     def factors(self, world):
         return self.base.factors(world)
@@ -184,7 +265,9 @@ class LLMAugmented(Policy):
         return self.base.score_pairs(users, items, world, step)
 
     def recommend(self, users, k, world, *, exclude=None, step=0, engine=None, on_chunk=None):
-        return self.base.recommend(users, k, world, exclude=exclude, step=step, engine=engine, on_chunk=on_chunk)
+        return self.base.recommend(
+            users, k, world, exclude=exclude, step=step, engine=engine, on_chunk=on_chunk
+        )
 
     def update(self, feedback, world):
         if self.base.online:
@@ -200,7 +283,9 @@ class LLMAugmented(Policy):
                     users=np.concatenate([data.users, u]),
                     items=np.concatenate([data.items, i]),
                     steps=np.concatenate([data.steps, np.full(len(u), max(step - 1, -1), np.int32)]),
-                    provenance=np.concatenate([data.provenance, np.full(len(u), PROVENANCE["llm_augmented"], np.int8)]),
+                    provenance=np.concatenate(
+                        [data.provenance, np.full(len(u), PROVENANCE["llm_augmented"], np.int8)]
+                    ),
                     n_users=max(data.n_users, world.users.n),
                     n_items=max(data.n_items, world.items.n),
                 )
@@ -213,17 +298,55 @@ class LLMAugmented(Policy):
         if m is None or len(m.titles) > len(titles) or m.titles[:1] != titles[:1]:
             m = self._matcher = TitleMatcher(list(titles), threshold=self.params.threshold)
         elif len(m.titles) < len(titles):
-            m.extend(list(titles[len(m.titles):]))
+            m.extend(list(titles[len(m.titles) :]))
         return m
 
     def _grow(self, n: int) -> None:
         self.phantom = _pad(self.phantom, n, False)
         self.aug_counts = _pad(self.aug_counts, n, 0)
 
+    def _pools(self, users, history, real_ids, cold_pool, rng) -> list[np.ndarray]:
+        """Candidate pools (unconsumed items, ~cold_share of them cold, shuffled), vectorised over users:
+        draws with replacement, first occurrences kept, consumed items dropped."""
+        p = self.params
+        U = len(users)
+        m = min(p.candidates, len(real_ids))
+        n_cold = min(int(round(p.cold_share * m)), len(cold_pool))
+        wc, wr = 2 * n_cold, 2 * m + 8
+        parts = [cold_pool[rng.integers(0, len(cold_pool), size=(U, wc))]] if n_cold else []
+        parts.append(real_ids[rng.integers(0, len(real_ids), size=(U, wr))])
+        X = np.concatenate(parts, axis=1)
+        W = X.shape[1]
+        keep = np.ones_like(X, dtype=bool)
+        if history is not None and getattr(history, "nnz", 1):
+            keep &= ~history.contains(np.repeat(users, W), X.ravel()).reshape(U, W)
+        order = np.argsort(X, axis=1, kind="stable")
+        xs = np.take_along_axis(X, order, axis=1)
+        dup_sorted = np.zeros_like(keep)
+        dup_sorted[:, 1:] = xs[:, 1:] == xs[:, :-1]
+        dup = np.empty_like(keep)
+        np.put_along_axis(dup, order, dup_sorted, axis=1)
+        keep &= ~dup
+        if wc:
+            cold_col = np.arange(W)[None, :] < wc
+            keep &= ~cold_col | (np.cumsum(keep & cold_col, axis=1) <= n_cold)
+        keep &= np.cumsum(keep, axis=1) <= m
+        full = keep.sum(axis=1) == m
+        out: list[np.ndarray] = [np.zeros(0, np.int64)] * U
+        if full.any():
+            rows = np.flatnonzero(full)
+            P = rng.permuted(X[rows][keep[rows]].reshape(len(rows), m), axis=1)
+            for j, r in enumerate(rows.tolist()):
+                out[r] = P[j]
+        for r in np.flatnonzero(~full).tolist():
+            out[r] = rng.permutation(X[r, keep[r]])
+        return out
+
     def augment(self, world, step: int) -> tuple[np.ndarray, np.ndarray] | None:
         """One generation round: ask, parse, match, log. Returns the augmented (users, items) or None."""
         p = self.params
         svc = self.service
+        svc.bind_world(world)
         model = self.context.extra.get("model")
         history = getattr(model, "history", None)
         n_items = world.items.n
@@ -246,40 +369,46 @@ class LLMAugmented(Policy):
         seed_key = derive_key(self.context.seed, "llm_augment.seed", step)
         seeds = hash_u64(seed_key, users)
         catalog = svc.catalog_fingerprint() if svc.uses_payload else None
+        pools = self._pools(users, history, real_ids, cold_pool, rng)
+        # relevance an LLM can read off titles: genre similarity to the user's history (z-scored per user)
+        U = len(users)
+        width = max((len(q) for q in pools), default=0)
+        P = np.full((U, width), -1, np.int64)
+        for r, q in enumerate(pools):
+            P[r, : len(q)] = q
+        mask = P >= 0
+        lens = np.diff(ptr)
+        owner = np.repeat(np.arange(U), lens)
+        share = np.zeros((U, genres.shape[1]))
+        np.add.at(share, owner, genres[hist])
+        G = genres[np.maximum(P, 0)].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos = np.einsum("umg,ug->um", G, share) / (
+                np.linalg.norm(G, axis=2) * np.linalg.norm(share, axis=1, keepdims=True) + 1e-12
+            )
+        rel_all = np.where((lens > 0)[:, None], _zscore_rows(cos, mask), 0.0)
+        template = p.prompt or self.DEFAULT_PROMPT
         reqs: list[LLMRequest] = []
-        pools: list[np.ndarray] = []
         for r, u in enumerate(users.tolist()):
-            h = hist[ptr[r]: ptr[r + 1]]
-            m = min(p.candidates, len(real_ids))
-            n_cold = min(int(round(p.cold_share * m)), len(cold_pool))
-            # draws with replacement, deduplicated (no O(n_items) permutation per user)
-            draw = []
-            if n_cold:
-                c = _first_unique(cold_pool[rng.integers(0, len(cold_pool), size=2 * n_cold)])
-                draw.append(c[~np.isin(c, h)][:n_cold] if len(h) else c[:n_cold])
-            draw.append(real_ids[rng.integers(0, len(real_ids), size=3 * m + len(h))])
-            pool = _first_unique(np.concatenate(draw))
-            if len(h):
-                pool = pool[~np.isin(pool, h)]
-            pool = pool[:m].copy()
-            rng.shuffle(pool)
-            pools.append(pool)
+            h = hist[ptr[r] : ptr[r + 1]]
+            pool = pools[r]
             shown = h if len(h) <= p.history_len else rng.choice(h, size=p.history_len, replace=False)
-            # relevance an LLM can read off titles: genre similarity to the user's history (z-scored)
-            if len(h):
-                share = genres[h].mean(axis=0)
-                g = genres[pool]
-                rel = g @ share / (np.linalg.norm(g, axis=1) * (np.linalg.norm(share) or 1.0) + 1e-12)
-                rel = _zscore(rel)
-            else:
-                rel = np.zeros(len(pool))
-            prompt = (p.prompt or self.DEFAULT_PROMPT).format(
-                history=_titles_line([titles[i] for i in shown]) or "(no history yet)",
-                candidates=_titles_line([titles[i] for i in pool]), n=p.n)
+            prompt = template.format(
+                history=_titles_line([titles[i] for i in shown.tolist()]) or "(no history yet)",
+                candidates=_titles_line([titles[i] for i in pool.tolist()]),
+                n=p.n,
+            )
             payload: dict[str, Any] = {}
             if svc.uses_payload:
-                payload = {"candidates": pool, "relevance": rel, "popularity": pop[pool], "n": p.n,
-                           "seed": int(seeds[r]), "user": u, "catalog": catalog}
+                payload = {
+                    "candidates": pool,
+                    "relevance": rel_all[r, : len(pool)],
+                    "popularity": pop[pool],
+                    "n": p.n,
+                    "seed": int(seeds[r]),
+                    "user": u,
+                    "catalog": catalog,
+                }
             reqs.append(LLMRequest(prompt, "augment", payload))
         responses = svc.generate(reqs, "augmenter", step=step)
 
@@ -295,22 +424,37 @@ class LLMAugmented(Policy):
         phantom_rows: dict[int, list[int]] = {}
         n_fallback = 0
         n_cold_out = 0
+        parsed: dict[int, list[str]] = {}
         for r, (req, resp) in enumerate(zip(reqs, responses, strict=True)):
-            u = int(users[r])
-            if resp.failed:
+            if resp.failed:  # empty, too long, timeout, budget, backend error (counted by the service)
                 n_fallback += 1
                 continue
             items_txt, reason = parse_title_list_checked(resp.text, max_items=p.n)
             if not items_txt:
-                svc.log_failure("augmenter", "unparsable" if reason is None else reason.value, req.prompt,
-                                resp.text, user=u)
+                svc.log_failure(
+                    "augmenter",
+                    "unparsable" if reason is None else reason.value,
+                    req.prompt,
+                    resp.text,
+                    user=int(users[r]),
+                )
                 n_fallback += 1
                 continue
-            h = hist[ptr[r]: ptr[r + 1]]
+            parsed[r] = items_txt
+        flat = [t for ts in parsed.values() for t in ts]
+        flat_m = match_titles(matcher, flat)
+        matches_by_row: dict[int, list] = {}
+        off = 0
+        for r, ts in parsed.items():
+            matches_by_row[r] = flat_m[off : off + len(ts)]
+            off += len(ts)
+        for r, items_txt in parsed.items():
+            u = int(users[r])
+            h = hist[ptr[r] : ptr[r + 1]]
             hset = set(h.tolist())
             got: list[int] = []
             row_matches = []
-            for title, mt in zip(items_txt, matcher.match(items_txt), strict=True):
+            for title, mt in zip(items_txt, matches_by_row[r], strict=True):
                 item = int(mt.item)
                 if item >= 0 and item < len(self.phantom) and self.phantom[item]:
                     row_matches.append((-1, float(mt.score), False))  # a phantom is still a hallucination
@@ -359,14 +503,19 @@ class LLMAugmented(Policy):
                 gen = np.full((len(fresh), G), 1.0 / G, np.float32)
                 for j, k in enumerate(fresh):
                     r = rows_by_key[k][0]
-                    h = hist[ptr[r]: ptr[r + 1]]
+                    h = hist[ptr[r] : ptr[r + 1]]
                     if len(h):
                         attrs[j] = world.items.attrs[h].mean(axis=0)
                         gv = world.items.genres[h].mean(axis=0)
                         gen[j] = gv / max(float(gv.sum()), 1e-12)
-                new_ids = world.items.append(attrs, gen, [title_by_key[k] for k in fresh],
-                                             np.full(len(fresh), -1, np.int32), np.zeros(len(fresh), np.int8),
-                                             step)
+                new_ids = world.items.append(
+                    attrs,
+                    gen,
+                    [title_by_key[k] for k in fresh],
+                    np.full(len(fresh), -1, np.int32),
+                    np.zeros(len(fresh), np.int8),
+                    step,
+                )
                 self._grow(world.items.n)
                 self.phantom[new_ids] = True
                 for k, i in zip(fresh, new_ids.tolist(), strict=True):
@@ -396,23 +545,52 @@ class LLMAugmented(Policy):
             if model is not None:
                 model.log.add(max(step - 1, -1), au, ai, PROVENANCE["llm_augmented"], initial=step == 0)
         self.seq += 1
-        self.last = self._generation_stats(step, len(users), n_fallback, hall_matches, cands_used, out_pops,
-                                           ref_pops, matched_items, n_cold_out, pop, len(au), n_new)
+        self.last = self._generation_stats(
+            step,
+            len(users),
+            n_fallback,
+            hall_matches,
+            cands_used,
+            out_pops,
+            ref_pops,
+            matched_items,
+            n_cold_out,
+            pop,
+            len(au),
+            n_new,
+        )
         if model is None or not len(au):
             return None
         return au, ai
 
-    def _generation_stats(self, step, n_users, n_fallback, hall_matches, cands, out_pops, ref_pops,
-                          matched_items, n_cold_out, pop, n_aug, n_new) -> dict[str, Any]:
+    def _generation_stats(
+        self,
+        step,
+        n_users,
+        n_fallback,
+        hall_matches,
+        cands,
+        out_pops,
+        ref_pops,
+        matched_items,
+        n_cold_out,
+        pop,
+        n_aug,
+        n_new,
+    ) -> dict[str, Any]:
         from recloop.analysis import llm_metrics as L
         from recloop.analysis.metrics import short_head_mask
 
         stats: dict[str, float] = {}
         if hall_matches:
             hs = L.hallucination_stats(hall_matches, cands)
-            stats.update(hall_rate=hs["hall_rate"], duplicate_rate=hs["duplicate_rate"],
-                         out_of_candidate_rate=hs["out_of_candidate_rate"], match_score=hs["mean_match_score"],
-                         n_generated=hs["n_generated"])
+            stats.update(
+                hall_rate=hs["hall_rate"],
+                duplicate_rate=hs["duplicate_rate"],
+                out_of_candidate_rate=hs["out_of_candidate_rate"],
+                match_score=hs["mean_match_score"],
+                n_generated=hs["n_generated"],
+            )
             stats["lpd"] = L.lpd(out_pops, ref_pops) if out_pops else float("nan")
             real_pop = pop[~self.phantom[: len(pop)]]
             real_ids = np.flatnonzero(~self.phantom[: len(pop)])
@@ -431,9 +609,16 @@ class LLMAugmented(Policy):
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"base": self.base.state_dict(), "phantom": self.phantom.copy(), "aug_counts": self.aug_counts.copy(),
-                "n_augmented": self.n_augmented, "n_fits": self.n_fits, "seq": self.seq,
-                "last": copy.deepcopy(self.last), "phantom_by_title": dict(self._phantom_by_title)}
+        return {
+            "base": self.base.state_dict(),
+            "phantom": self.phantom.copy(),
+            "aug_counts": self.aug_counts.copy(),
+            "n_augmented": self.n_augmented,
+            "n_fits": self.n_fits,
+            "seq": self.seq,
+            "last": copy.deepcopy(self.last),
+            "phantom_by_title": dict(self._phantom_by_title),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.base.load_state_dict(state["base"])
@@ -447,7 +632,9 @@ class LLMAugmented(Policy):
         self._matcher = None
 
     def run_report(self) -> dict[str, Any]:
-        return {"llm_augmented": {"interactions": int(self.n_augmented), "phantom_items": int(self.phantom.sum())}}
+        return {
+            "llm_augmented": {"interactions": int(self.n_augmented), "phantom_items": int(self.phantom.sum())}
+        }
 
 
 # ================================================================================================ R3
@@ -460,12 +647,16 @@ class LLMRank:
     llm_role = "ranker"
 
     class Params(Params):
-        mode: Literal["generate", "loglik"] = Field("generate", description="generate a ranking and parse it, "
-                                                    "or score each title's log-likelihood")
+        mode: Literal["generate", "loglik"] = Field(
+            "generate", description="generate a ranking and parse it, or score each title's log-likelihood"
+        )
         max_candidates: int = Field(20, ge=2, description="candidates presented to the LLM")
         users_per_cycle: int | None = Field(200, ge=0, description="users re-ranked per cycle (null: all)")
-        shuffles: int = Field(0, ge=0, description="B random candidate permutations aggregated by Borda "
-                                                   "(0: the base order, once)")
+        shuffles: int = Field(
+            0,
+            ge=0,
+            description="B random candidate permutations aggregated by Borda (0: the base order, once)",
+        )
         history_len: int = Field(10, ge=0, description="history titles in the prompt")
         prompt: str | None = Field(None, description="template with {history}, {candidates}, {m}")
 
@@ -485,55 +676,86 @@ class LLMRank:
         self.service = get_service(self.context)
         self.cycle: dict[str, Any] = self._new_cycle(-1)
         self._sel_step = -2
-        self._sel_p = 1.0
+        self._sel_users = np.zeros(0, np.int64)
         self.served_total = 0
         self.fallbacks_total = 0
 
     @staticmethod
     def _new_cycle(step: int) -> dict[str, Any]:
-        return {"step": step, "users": [], "first_pos": [], "n_presented": [], "cand_pops": [], "ranks": [],
-                "served": 0, "fallbacks": 0, "requests": 0, "failed": 0, "base_topk": [], "llm_topk": []}
+        return {
+            "step": step,
+            "users": [],
+            "first_pos": [],
+            "n_presented": [],
+            "cand_pops": [],
+            "ranks": [],
+            "served": 0,
+            "fallbacks": 0,
+            "requests": 0,
+            "failed": 0,
+            "base_topk": [],
+            "llm_topk": [],
+        }
 
     def _selected(self, users: np.ndarray, world, step: int) -> np.ndarray:
+        """The users of this chunk that the LLM serves: per cycle, the ``users_per_cycle`` active users
+        with the smallest hash of (seed, step, user) - an exact, seeded sample, independent of chunking."""
         cap = self.params.users_per_cycle
         if cap is None:
             return np.ones(len(users), bool)
         if self._sel_step != step:
-            act = getattr(world.users, "active", None)
-            n_act = max(1, int(act[: world.users.n].sum()) if act is not None else int(world.users.n))
-            self._sel_p = min(1.0, cap / n_act)
+            active = world.users.active_ids()
+            if cap < len(active):
+                h = hash_u64(derive_key(self.context.seed, "llm_rank.users", step), active)
+                self._sel_users = (
+                    np.sort(active[np.argpartition(h, cap - 1)[:cap]]) if cap > 0 else active[:0]
+                )
+            else:
+                self._sel_users = active
             self._sel_step = step
-        u = hash_uniform(derive_key(self.context.seed, "llm_rank.users", step), users)
-        sel = u < self._sel_p
-        room = cap - self.cycle["served"]
-        if sel.sum() > room:
-            sel[np.flatnonzero(sel)[max(room, 0):]] = False
-        return sel
+        return np.isin(users, self._sel_users)
 
     def rerank(self, users, candidates, scores, k, world, *, step=0, history=None):
-        from .. import rerankers as R
-
         if self.cycle["step"] != step:
             self.cycle = self._new_cycle(step)
-        cand, s, valid = R._prepare(candidates, scores)
-        cand, s, valid = R._by_score(cand, s, valid)  # base order: descending score
+        cand = np.asarray(candidates, np.int64)
+        s = np.asarray(scores)
+        if cand.ndim != 2 or s.shape != cand.shape:
+            raise ValueError(
+                f"llm_rank: candidates {cand.shape} and scores {s.shape} must be equal 2-D shapes"
+            )
+        valid = (cand >= 0) & (s > -np.inf)  # NaN compares False: invalid too
+        # base order: descending score, ties to the lower item id (as the pipeline without a re-ranker),
+        # so users the LLM does not serve get exactly the slates they would get without this stage
+        order = np.lexsort((cand, np.where(valid, -s, np.inf)), axis=-1)
         n, m = cand.shape
         out = np.full((n, k), -1, np.int64)
         kk = min(k, m)
-        out[:, :kk] = np.where(valid[:, :kk], cand[:, :kk], -1)
         if n == 0 or m == 0:
             return out
+        top = order[:, :kk]
+        out[:, :kk] = np.where(
+            np.take_along_axis(valid, top, axis=1), np.take_along_axis(cand, top, axis=1), -1
+        )
         users = np.asarray(users, np.int64)
         sel = self._selected(users, world, step)
         rows = np.flatnonzero(sel & (valid.sum(axis=1) >= 2))
         if len(rows) == 0:
             return out
+        # full base order only for the served rows
+        o = order[rows]
+        cand = np.take_along_axis(cand[rows], o, axis=1)
+        s = np.take_along_axis(s[rows], o, axis=1)
+        valid = np.take_along_axis(valid[rows], o, axis=1)
         self.cycle["served"] += len(rows)
         self.served_total += len(rows)
         p = self.params
         svc = self.service
+        svc.bind_world(world)
         model = self.context.extra.get("model")
-        hist_src = history if history is not None and hasattr(history, "csr") else getattr(model, "history", None)
+        hist_src = (
+            history if history is not None and hasattr(history, "csr") else getattr(model, "history", None)
+        )
         ptr, hist = _history_items(hist_src, users[rows])
         n_items = world.items.n
         pop = np.zeros(n_items)
@@ -543,61 +765,75 @@ class LLMRank:
         titles = world.items.titles
         B = max(1, p.shuffles)
         key = derive_key(self.context.seed, "llm_rank.perm", step)
-        seeds = hash_u64(derive_key(self.context.seed, "llm_rank.seed", step), users[rows][:, None],
-                         np.arange(B)[None, :])
+        seeds = hash_u64(
+            derive_key(self.context.seed, "llm_rank.seed", step), users[rows][:, None], np.arange(B)[None, :]
+        ).tolist()
         catalog = svc.catalog_fingerprint() if svc.uses_payload else None
         use_rank_task = p.mode == "generate" or not svc.supports_loglik
+        Ms = np.minimum(p.max_candidates, valid.sum(axis=1))
+        W = int(Ms.max())
+        rel_all = _zscore_rows(s[:, :W], np.arange(W)[None, :] < Ms[:, None])
+        pop_all = pop[np.maximum(cand[:, :W], 0)]
         reqs: list[LLMRequest] = []
         ll_prompts: list[str] = []
         ll_conts: list[str] = []
-        meta: list[tuple[int, int, np.ndarray, int]] = []  # (row idx in rows, b, perm, n presented)
-        for j, r in enumerate(rows.tolist()):
-            M = int(min(p.max_candidates, valid[r].sum()))
-            h = hist[ptr[j]: ptr[j + 1]]
+        meta: list[tuple[int, int, np.ndarray, int]] = []  # (served row j, b, perm, n presented)
+        template = p.prompt or self.DEFAULT_PROMPT
+        user_l = users[rows].tolist()
+        for j in range(len(rows)):
+            M = int(Ms[j])
+            u = user_l[j]
+            h = hist[ptr[j] : ptr[j + 1]]
             if len(h) > p.history_len:
-                hh = hash_u64(key, users[r], h)
+                hh = hash_u64(key, u, h)
                 h = h[np.argsort(hh)[: p.history_len]]
-            htxt = _titles_line([titles[i] for i in h]) or "(no history yet)"
-            rel = _zscore(s[r, :M])
+            htxt = _titles_line([titles[i] for i in h.tolist()]) or "(no history yet)"
+            row_items = cand[j, :M]
             for b in range(B):
                 if p.shuffles > 0:
-                    perm = np.argsort(hash_u64(key, users[r] * 131 + b, np.arange(M)))
+                    perm = np.argsort(hash_u64(key, u * 131 + b, np.arange(M)))
                 else:
                     perm = np.arange(M)
-                items = cand[r, perm]
+                items = row_items[perm].tolist()
                 meta.append((j, b, perm, M))
                 if use_rank_task:
-                    ctext = "\n".join(f"[{q + 1}] {titles[i]}" for q, i in enumerate(items.tolist()))
-                    prompt = (p.prompt or self.DEFAULT_PROMPT).format(history=htxt, candidates=ctext, m=M)
+                    ctext = "\n".join(f"[{q + 1}] {titles[i]}" for q, i in enumerate(items))
+                    prompt = template.format(history=htxt, candidates=ctext, m=M)
                     payload: dict[str, Any] = {}
                     if svc.uses_payload:
-                        payload = {"relevance": rel[perm], "popularity": pop[items], "n": M,
-                                   "seed": int(seeds[j, b]), "user": int(users[r]), "catalog": catalog}
+                        payload = {
+                            "relevance": rel_all[j, perm],
+                            "popularity": pop_all[j, perm],
+                            "n": M,
+                            "seed": seeds[j][b],
+                            "user": u,
+                            "catalog": catalog,
+                        }
                     reqs.append(LLMRequest(prompt, "rank", payload))
                 else:
-                    ctext = "\n".join(f"- {titles[i]}" for i in items.tolist())
+                    ctext = "\n".join(f"- {titles[i]}" for i in items)
                     prompt = self.LOGLIK_PROMPT.format(history=htxt, candidates=ctext)
                     ll_prompts.extend([prompt] * M)
-                    ll_conts.extend(f" {titles[i]}" for i in items.tolist())
+                    ll_conts.extend(f" {titles[i]}" for i in items)
         self.cycle["requests"] += len(meta)
         rankings: list[list[int] | None] = []
         if use_rank_task:
             responses = svc.generate(reqs, "ranker", step=step)
-            for (j, b, perm, M), req, resp in zip(meta, reqs, responses, strict=True):
+            for (j, _b, perm, M), req, resp in zip(meta, reqs, responses, strict=True):
                 if resp.failed:
                     rankings.append(None)
                     continue
-                ranked = parse_ranking(resp.text, M, titles=[titles[i] for i in cand[rows[j], perm]])
+                ranked = parse_ranking(resp.text, M, titles=[titles[i] for i in cand[j, perm]])
                 if not ranked:
-                    svc.log_failure("ranker", "unparsable", req.prompt, resp.text, user=int(users[rows[j]]))
+                    svc.log_failure("ranker", "unparsable", req.prompt, resp.text, user=user_l[j])
                     rankings.append(None)
                     continue
                 rankings.append(ranked)
         else:
             vals = svc.loglik(ll_prompts, ll_conts, "ranker", step=step)
             off = 0
-            for j, b, perm, M in meta:
-                v = vals[off: off + M]
+            for _j, _b, _perm, M in meta:
+                v = vals[off : off + M]
                 off += M
                 if not np.all(np.isfinite(v)):
                     rankings.append(None)
@@ -606,11 +842,12 @@ class LLMRank:
 
         # Borda aggregation per user (points in base-candidate space), then write the slates
         borda: dict[int, np.ndarray] = {}
-        for (j, b, perm, M), ranked in zip(meta, rankings, strict=True):
+        for (j, _b, perm, M), ranked in zip(meta, rankings, strict=True):
             if ranked is None:
                 self.cycle["failed"] += 1
                 continue
-            full = list(ranked) + [q for q in range(M) if q not in set(ranked)]  # unranked: presented order
+            got = set(ranked)
+            full = list(ranked) + [q for q in range(M) if q not in got]  # unranked: presented order
             pts = borda.setdefault(j, np.zeros(M))
             base_idx = perm[np.asarray(full, np.int64)]  # presented position -> base column
             pts[base_idx] += M - np.arange(M)
@@ -619,7 +856,7 @@ class LLMRank:
             self.cycle["n_presented"].append(M)
             assigned = np.empty(M)
             assigned[np.asarray(full, np.int64)] = np.arange(1, M + 1)
-            self.cycle["cand_pops"].append(pop[cand[rows[j], perm]])
+            self.cycle["cand_pops"].append(pop[cand[j, perm]])
             self.cycle["ranks"].append(assigned)
         n_fb = 0
         for j, r in enumerate(rows.tolist()):
@@ -629,8 +866,8 @@ class LLMRank:
                 continue
             M = len(pts)
             order = np.lexsort((np.arange(M), -pts))  # ties: base order
-            new = np.concatenate([cand[r, :M][order], cand[r, M:]])
-            vv = np.concatenate([valid[r, :M][order], valid[r, M:]])
+            new = np.concatenate([cand[j, :M][order], cand[j, M:]])
+            vv = np.concatenate([valid[j, :M][order], valid[j, M:]])
             self.cycle["base_topk"].append(out[r].copy())
             out[r, :kk] = np.where(vv[:kk], new[:kk], -1)
             self.cycle["llm_topk"].append(out[r].copy())
@@ -642,8 +879,11 @@ class LLMRank:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cycle": copy.deepcopy(self.cycle), "served_total": self.served_total,
-                "fallbacks_total": self.fallbacks_total}
+        return {
+            "cycle": copy.deepcopy(self.cycle),
+            "served_total": self.served_total,
+            "fallbacks_total": self.fallbacks_total,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cycle = copy.deepcopy(state["cycle"])

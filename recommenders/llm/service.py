@@ -62,8 +62,16 @@ __all__ = [
 #: Reasons an answer could not be used (``backend_error``: an HTTP error or a backend exception).
 MALFORMED_REASONS = ("empty", "unparsable", "too_long", "timeout", "budget", "backend_error")
 
-_ROLE_KEYS = ("requests", "calls", "cache_hits", "prompt_tokens", "completion_tokens", "wall_s", "failures",
-              "fallbacks")
+_ROLE_KEYS = (
+    "requests",
+    "calls",
+    "cache_hits",
+    "prompt_tokens",
+    "completion_tokens",
+    "wall_s",
+    "failures",
+    "fallbacks",
+)
 
 
 class BudgetConfig(Params):
@@ -93,8 +101,10 @@ class LLMConfig(Params):
         "by `recloop llm calibrate`), transformers, openai",
     )
     cache: bool | Literal["auto"] = Field(
-        "auto", description="keep responses on disk: auto = on for real models, off for the surrogate (which "
-        "is deterministic and cheaper to recompute than a file read); true/false force it")
+        "auto",
+        description="keep responses on disk: auto = on for real models, off for the surrogate (which "
+        "is deterministic and cheaper to recompute than a file read); true/false force it",
+    )
     cache_dir: str | None = Field(None, description="response cache folder; default <run_dir>/llm_cache")
     budget: BudgetConfig | None = None
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -125,7 +135,9 @@ class LLMConfig(Params):
             errs = getattr(exc, "errors", lambda: [])()
             detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs) or str(exc)
             allowed = ", ".join(spec.params.model_fields)
-            raise ValueError(f"llm_backend '{v['type']}': {detail} (allowed keys: {allowed or 'none'})") from None
+            raise ValueError(
+                f"llm_backend '{v['type']}': {detail} (allowed keys: {allowed or 'none'})"
+            ) from None
         return v
 
 
@@ -141,12 +153,17 @@ def load_params_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:
-        raise RecloopInputError("surrogate params_file not found.", file=str(p), key="llm.backend.params_file") from None
+        raise RecloopInputError(
+            "surrogate params_file not found.", file=str(p), key="llm.backend.params_file"
+        ) from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise RecloopInputError(f"cannot read surrogate params_file ({exc}).", file=str(p),
-                                key="llm.backend.params_file") from None
+        raise RecloopInputError(
+            f"cannot read surrogate params_file ({exc}).", file=str(p), key="llm.backend.params_file"
+        ) from None
     if not isinstance(data, dict):
-        raise RecloopInputError("params_file must hold a JSON object.", file=str(p), key="llm.backend.params_file")
+        raise RecloopInputError(
+            "params_file must hold a JSON object.", file=str(p), key="llm.backend.params_file"
+        )
     for key in ("params", "surrogate", "surrogate_params"):
         if isinstance(data.get(key), dict):
             data = data[key]
@@ -171,7 +188,16 @@ def build_backend(cfg: dict[str, Any], *, world=None, timeout_s: float | None = 
     spec = registry.get("llm_backend", name)
     if timeout_s is not None and "timeout_s" in spec.params.model_fields and "timeout_s" not in cfg:
         cfg["timeout_s"] = float(timeout_s)
+    if name == "transformers":  # one loaded model per process, shared by the runs of a scenario
+        key = json.dumps(cfg, sort_keys=True, default=str)
+        backend = _SHARED_LOCAL.get(key)
+        if backend is None:
+            backend = _SHARED_LOCAL[key] = registry.build("llm_backend", cfg)
+        return backend
     return registry.build("llm_backend", cfg)
+
+
+_SHARED_LOCAL: dict[str, LLMBackend] = {}
 
 
 # ------------------------------------------------------------------------------------------- accounting
@@ -273,8 +299,16 @@ class LLMService:
     label: who uses it (policy name and seed), written into the failure log.
     """
 
-    def __init__(self, config: LLMConfig | dict | None = None, *, run_dir: str | os.PathLike[str] | None = None,
-                 seed: int = 0, world=None, backend: LLMBackend | None = None, label: str = ""):
+    def __init__(
+        self,
+        config: LLMConfig | dict | None = None,
+        *,
+        run_dir: str | os.PathLike[str] | None = None,
+        seed: int = 0,
+        world=None,
+        backend: LLMBackend | None = None,
+        label: str = "",
+    ):
         if config is None:
             config = LLMConfig()
         elif isinstance(config, dict):
@@ -284,8 +318,11 @@ class LLMService:
         self.seed = int(seed)
         self.world = world
         self.label = label
-        self.inner = backend if backend is not None else build_backend(config.backend, world=world,
-                                                                      timeout_s=config.timeout_s)
+        self.inner = (
+            backend
+            if backend is not None
+            else build_backend(config.backend, world=world, timeout_s=config.timeout_s)
+        )
         use_cache = config.cache if config.cache != "auto" else not self.inner.uses_payload
         cache_dir = config.cache_dir
         if cache_dir is None and self.run_dir is not None:
@@ -297,8 +334,12 @@ class LLMService:
         budget = Budget(b.max_calls, b.max_tokens, b.max_cost_usd) if b is not None else None
         self.backend = CachedBackend(self.inner, cache_dir, budget)
         g = config.generation
-        self.params = GenerationParams(max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
-                                       seed=self.seed if g.seed is None else int(g.seed))
+        self.params = GenerationParams(
+            max_tokens=g.max_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            seed=self.seed if g.seed is None else int(g.seed),
+        )
         self.roles: dict[str, dict[str, Any]] = {}
         self.malformed = dict.fromkeys(MALFORMED_REASONS, 0)
         self.fallbacks = 0
@@ -309,6 +350,18 @@ class LLMService:
         self._lock = threading.RLock()
         self._catalog_fp: tuple[int, str] | None = None
         self.step: int | None = None  # roles may set the current cycle (written into the failure log)
+
+    def bind_world(self, world) -> None:
+        """Follow the live world (a resumed run replaces the world object with the checkpoint's): the
+        catalog fingerprint and the surrogate's catalog titles come from it."""
+        if world is None or world is self.world:
+            return
+        self.world = world
+        self._catalog_fp = None
+        from .surrogate import SurrogateLLM
+
+        if isinstance(self.inner, SurrogateLLM):
+            self.inner.titles = world.items.titles
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -352,8 +405,14 @@ class LLMService:
         return d
 
     # -- generation --------------------------------------------------------------------------------
-    def generate(self, requests: Sequence[LLMRequest | str], role: str, *, step: int | None = None,
-                 params: GenerationParams | None = None) -> list[LLMResponse]:
+    def generate(
+        self,
+        requests: Sequence[LLMRequest | str],
+        role: str,
+        *,
+        step: int | None = None,
+        params: GenerationParams | None = None,
+    ) -> list[LLMResponse]:
         """One response per request, through the cache and the budget, never raising for bad answers.
 
         Responses that cannot be used come back with ``failed=True`` and ``error`` one of ``empty``,
@@ -365,7 +424,7 @@ class LLMService:
             return []
         if step is not None:
             self.step = step
-        if self.uses_payload:
+        if self.uses_payload and self.backend.cache is not None:  # exact, stable cache keys
             reqs = [LLMRequest(r.prompt, r.task, _json_safe(r.payload)) for r in reqs]
         acc = self.backend.accounting
         before = (acc.calls, acc.cache_hits, acc.prompt_tokens, acc.completion_tokens, acc.wall_s)
@@ -406,14 +465,21 @@ class LLMService:
                 reason = "too_long"
             if reason is not None:
                 self.log_failure(role, reason, req.prompt, resp.text, error=resp.error, payload=req.payload)
-                resp = LLMResponse(text=resp.text, prompt_tokens=resp.prompt_tokens,
-                                   completion_tokens=resp.completion_tokens, failed=True, error=reason,
-                                   cached=resp.cached, wall_s=resp.wall_s)
+                resp = LLMResponse(
+                    text=resp.text,
+                    prompt_tokens=resp.prompt_tokens,
+                    completion_tokens=resp.completion_tokens,
+                    failed=True,
+                    error=reason,
+                    cached=resp.cached,
+                    wall_s=resp.wall_s,
+                )
             out.append(resp)
         return out
 
-    def loglik(self, prompts: Sequence[str], continuations: Sequence[str], role: str, *,
-               step: int | None = None) -> np.ndarray:
+    def loglik(
+        self, prompts: Sequence[str], continuations: Sequence[str], role: str, *, step: int | None = None
+    ) -> np.ndarray:
         """Log-likelihoods (nats) of each continuation given its prompt; NaN where unavailable
         (budget spent, backend error: counted and logged once per call)."""
         n = len(prompts)
@@ -442,15 +508,20 @@ class LLMService:
         if len(bad):
             denied = acc.budget_denied - before[2]
             for j, i in enumerate(bad.tolist()):
-                reason = "budget" if j >= len(bad) - denied else ("timeout" if "timeout" in err.lower()
-                                                                   else "backend_error")
-                self.log_failure(role, reason, prompts[i], "", error=err or "nan loglik",
-                                 continuation=continuations[i])
+                reason = (
+                    "budget"
+                    if j >= len(bad) - denied
+                    else ("timeout" if "timeout" in err.lower() else "backend_error")
+                )
+                self.log_failure(
+                    role, reason, prompts[i], "", error=err or "nan loglik", continuation=continuations[i]
+                )
         return vals
 
     # -- failures ----------------------------------------------------------------------------------
-    def log_failure(self, role: str, reason: str, prompt: str, text: str, *, error: str = "",
-                    **extra: Any) -> None:
+    def log_failure(
+        self, role: str, reason: str, prompt: str, text: str, *, error: str = "", **extra: Any
+    ) -> None:
         """Count a malformed answer and append it (with its prompt) to ``<run_dir>/llm_failures.jsonl``."""
         reason = str(getattr(reason, "value", reason))
         r = self._role(role)
@@ -461,8 +532,15 @@ class LLMService:
             if self.logged >= self.config.max_failure_log:
                 return
             self.logged += 1
-            rec = {"policy": self.label, "step": self.step, "role": role, "reason": reason, "error": error,
-                   "prompt": str(prompt)[:4000], "text": str(text or "")[:4000]}
+            rec = {
+                "policy": self.label,
+                "step": self.step,
+                "role": role,
+                "reason": reason,
+                "error": error,
+                "prompt": str(prompt)[:4000],
+                "text": str(text or "")[:4000],
+            }
             for k, v in extra.items():
                 if k == "payload" and isinstance(v, dict):
                     v = {kk: vv for kk, vv in v.items() if kk in ("task", "user", "seed", "n", "catalog")}
@@ -488,8 +566,17 @@ class LLMService:
     # -- accounting --------------------------------------------------------------------------------
     @staticmethod
     def _zero_base() -> dict[str, Any]:
-        return {"calls": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0, "backend_failures": 0,
-                "wall_s": 0.0, "cost_usd": 0.0, "budget_denied": 0, "budget_exhausted": False}
+        return {
+            "calls": 0,
+            "cache_hits": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "backend_failures": 0,
+            "wall_s": 0.0,
+            "cost_usd": 0.0,
+            "budget_denied": 0,
+            "budget_exhausted": False,
+        }
 
     @property
     def accounting(self) -> dict[str, Any]:
@@ -572,8 +659,13 @@ def get_service(context) -> LLMService:
     svc = extra.get("llm_service")
     if svc is None:
         world = extra.get("world")
-        svc = LLMService(_scenario_llm(context), run_dir=extra.get("run_dir"), seed=context.seed, world=world,
-                         label=f"{context.name}/seed={context.seed}")
+        svc = LLMService(
+            _scenario_llm(context),
+            run_dir=extra.get("run_dir"),
+            seed=context.seed,
+            world=world,
+            label=f"{context.name}/seed={context.seed}",
+        )
         extra["llm_service"] = svc
     return svc
 
