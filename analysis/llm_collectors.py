@@ -164,7 +164,9 @@ class LLMRecommendation(MetricComponent):
         "rank number "
         "(negative = popular candidates ranked higher), mean over prompts",
         "llm_lpd_shift": "R3 LPD of the LLM's slates minus LPD of the base order's slates (same users)",
-        "llm_slate_change": "R3 share of top-k slots the LLM changed relative to the base order",
+        "llm_slate_change": "R3 share of shown top-k slots whose item differs from the base order's at the "
+        "same position (re-ordering counts)",
+        "llm_slate_turnover": "R3 share of shown top-k items that were not in the base order's top k",
     }
 
     def compute(self, model, fb, popularity):
@@ -198,9 +200,12 @@ class LLMRecommendation(MetricComponent):
                     ("llm_head_share", g, head),
                     ("llm_lpd_shift", g, lpd_llm - lpd_base),
                 ]
-                same = (llm[:, :, None] == base[:, None, :]).any(axis=2) & (llm >= 0)
+                shown_mask = llm >= 0
+                moved = (llm != base) & shown_mask
+                same = (llm[:, :, None] == base[:, None, :]).any(axis=2) & shown_mask
                 shown = (llm >= 0).sum()
-                rows.append(("llm_slate_change", g, 1.0 - same.sum() / shown if shown else NAN))
+                rows.append(("llm_slate_change", g, moved.sum() / shown if shown else NAN))
+                rows.append(("llm_slate_turnover", g, 1.0 - same.sum() / shown if shown else NAN))
             elif name == "augmenter":
                 sample = model.metrics.user_sample(fb.users)
                 if len(sample) == 0:

@@ -227,7 +227,7 @@ def table(rows: list[dict]) -> None:
                   f"{r['roofline_a_s']:.4f}", f"{c:.4f}" if c else "-", f"{r['cycle_over_roofline_a']:.2f}",
                   f"{r['cycle_over_roofline_c']:.2f}" if c else "-", f"{100 * r['metrics_share']:.1f}",
                   f"{r['peak_rss_mb']:.0f}", f"{tr:.3f}" if tr else "-", f"{r['trecs_speedup']:.0f}" if tr else "-")
-    Console(stderr=True).print(t)
+    Console(stderr=True, width=200).print(t)
 
 
 def plot(rows: list[dict], path: Path) -> None:

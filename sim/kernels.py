@@ -239,6 +239,50 @@ def row_drift(A, ia, B, ib, cos_dist, angle, l2):
         l2[r] = np.sqrt(sdd)
 
 
+# -- user dynamics -----------------------------------------------------------------------------------
+@njit(cache=True, nogil=True)
+def slerp_rows(X, users, A, items, p):
+    """In place: X[users[r]] <- slerp(X[users[r]], A[items[r]], p) (U-DRIFT), keeping the norm.
+
+    The per-row maths of ``recloop.agents.dynamics.slerp`` (same guards: zero vectors, antipodal
+    nudge, the small-angle linear fallback) in float64, without (n, d) temporaries."""
+    d = X.shape[1]
+    for r in range(users.shape[0]):
+        u = users[r]
+        i = items[r]
+        nx = 0.0
+        na = 0.0
+        for t in range(d):
+            nx += np.float64(X[u, t]) ** 2
+            na += np.float64(A[i, t]) ** 2
+        nx = np.sqrt(nx)
+        na = np.sqrt(na)
+        sx = 1.0 / nx if nx > 0 else 1.0
+        sa = 1.0 / na if na > 0 else 1.0
+        c = 0.0
+        for t in range(d):
+            c += (np.float64(X[u, t]) * sx) * (np.float64(A[i, t]) * sa)
+        c = min(1.0, max(-1.0, c))
+        if c < -1 + 1e-7:
+            c = -1 + 1e-7
+        omega = np.arccos(c)
+        so = np.sin(omega)
+        if so < 1e-7:
+            w1 = 1.0 - p
+            w2 = p
+        else:
+            w1 = np.sin((1.0 - p) * omega) / so
+            w2 = np.sin(p * omega) / so
+        no = 0.0
+        for t in range(d):
+            o = w1 * np.float64(X[u, t]) * sx + w2 * np.float64(A[i, t]) * sa
+            no += o * o
+        no = np.sqrt(no)
+        so_ = nx / no if no > 0 else nx
+        for t in range(d):
+            X[u, t] = (w1 * np.float64(X[u, t]) * sx + w2 * np.float64(A[i, t]) * sa) * so_
+
+
 # -- sparse histories ------------------------------------------------------------------------------
 @njit(cache=True, nogil=True)
 def csr_contains(ptr, idx, users, items, out):

@@ -196,6 +196,24 @@ def test_kernels_match_numpy():
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-9, atol=1e-7)
 
 
+@pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba not installed")
+def test_slerp_kernel_matches_dynamics_slerp():
+    from recloop.agents.dynamics import slerp
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((80, 6)).astype(np.float32)
+    A = rng.standard_normal((40, 6)).astype(np.float32)
+    X[3] = 0  # zero preference
+    A[5] = 0  # zero item
+    A[7] = -X[9]  # antipodal
+    users = np.concatenate([rng.permutation(np.setdiff1d(np.arange(80), [3, 9]))[:30], [3, 9]])
+    items = rng.integers(0, 40, len(users))
+    items[-2:] = [5, 7]
+    ref = slerp(X[users], A[items], 0.1)
+    kernels.slerp_rows(X, users.astype(np.int64), A, items.astype(np.int64), 0.1)
+    np.testing.assert_allclose(X[users], ref, rtol=1e-4, atol=1e-5)  # float32 NumPy vs float64 kernel
+
+
 def test_auto_backend_and_chunk_size():
     name = resolve_backend_name("auto")
     assert name in available_backends()

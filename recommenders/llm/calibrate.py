@@ -15,14 +15,20 @@ Protocol (reference F-SURR "Calibration against the real model", with our choice
    A fraction (``heldout``) of the recommend probes, on other users, is kept out of the fit.
 2. **Fit** (:func:`fit_surrogate`): h = HallRate + near-miss rate, eps_near = near/(near+hall) (so the
    surrogate's HallRate equals the real one: :func:`recloop.recommenders.llm.surrogate.calibrate`);
-   beta by root-finding on the expected LPD(beta) of the fit probes (:func:`~.surrogate.fit_beta`);
-   rho by the position-bias MLE (:func:`~.surrogate.fit_rho`); h_p by a grid search that makes the
-   surrogate's *measured* ProfHall (same parser, same claims per profile) equal the real one (our
-   choice: the reference sets h_p = ProfHall, but a surrogate drawing claims from the history alone
-   already has ProfHall > 0 under tau_like, so the direct rule overshoots).
+   beta so that the surrogate's measured head share on the fit probes equals the real one (default;
+   ``beta_from="lpd"`` is the reference's rule: root-finding on LPD(beta), :func:`~.surrogate.fit_beta`,
+   refined on the measured LPD); rho by the position-bias MLE (:func:`~.surrogate.fit_rho`), refined so
+   that the surrogate's own MLE on the rank probes equals the real one (the first-pick MLE is attenuated
+   by relevance and popularity); h_p by a grid search that makes the surrogate's *measured* ProfHall
+   (same parser, same claims per profile) equal the real one (our choice: the reference sets
+   h_p = ProfHall, but a surrogate drawing claims from the history alone already has ProfHall > 0 under
+   tau_like, so the direct rule overshoots). Parameters that cannot reach the real figure stop at the
+   nearer bound (reported in ``fit_notes``).
 3. **Validation** on the held-out probes (:func:`compare_heldout`): the surrogate answers the same
    held-out payloads (``replicates`` seeds each); real vs surrogate HallRate (target +-0.03), head
-   share (target +-0.05) and the two-sample KS test of the matched items' popularity percentiles.
+   share (target +-0.05) and the two-sample KS test of the matched items' popularity percentiles. The
+   real rates' cluster-robust standard errors (titles of one answer are correlated) are reported: with
+   a few dozen held-out probes they are about as large as the targets.
 
 Everything goes through a :class:`~.cache.CachedBackend`, so re-running with the same probes costs no
 model calls. The output JSON holds the surrogate parameters under ``params`` (what
@@ -482,10 +488,11 @@ def fit_surrogate(
 ) -> tuple[SurrogateParams, dict[str, Any]]:
     """Surrogate parameters from the real model's figures on the fit probes (see the module doc).
 
-    ``beta_from``: ``lpd`` (the reference rule: beta by root-finding on LPD, tau_s kept), ``head_share``
-    (beta matches the measured head share), or ``both`` (default; our choice): for each tau_s of
-    ``tau_grid`` beta matches the head share, and the tau_s whose LPD is nearest the real LPD wins, so
-    both popularity figures are reproduced.
+    ``beta_from``: ``head_share`` (default; our choice: beta is bisected until the surrogate's measured
+    head share on the fit probes equals the real one, tau_s kept), ``lpd`` (the reference's rule: beta
+    by root-finding on LPD, refined on the measured LPD), or ``both`` (for each tau_s of ``tau_grid``,
+    beta matches the head share, and the tau_s whose LPD is nearest wins; beta and tau_s trade off,
+    so this is weakly identified on small probe sets).
     """
     base = base or SurrogateParams()
     rec = ps.of("recommend", "fit")

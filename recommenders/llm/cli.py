@@ -112,8 +112,8 @@ def calibrate(
         None, min=1, help="cap on new tokens per answer (default: recommend 96, profile 80, rank 48)"
     ),
     beta_from: str = typer.Option(
-        "both",
-        help="fit beta to: lpd (reference rule), head_share, or both "
+        "head_share",
+        help="fit beta to the head share (default), to the LPD (the reference's rule), or both "
         "(beta to the head share and tau_s to the LPD)",
     ),
     progress: bool = typer.Option(True, help="show progress"),

@@ -324,7 +324,7 @@ class LLMProfiler(Policy):
         )
         embed_batch: int = Field(64, ge=1, description="texts per embedding batch")
         project_dims: int | None = Field(
-            64,
+            32,
             ge=1,
             description="principal directions of the item embeddings kept for scoring (null: all 384)",
         )
@@ -360,16 +360,17 @@ class LLMProfiler(Policy):
         self.last_refresh = -1
         self.seq = 0
         self.reports: list[dict[str, Any]] = []  # the last few refreshes (metric llm_profile reads them)
-        self.hist_ptr = np.zeros(1, np.int64)  # recency-ordered training-data histories (CSR)
-        self.hist_items = np.zeros(0, np.int64)
-        self.priors = np.zeros((0, 0))  # genre prior per demographic group (row -1 = population)
-        self.user_group = np.zeros(0, np.int64)
-        self.pop = np.zeros(0)
+        self.pop = np.zeros(0)  # popularity of the last fit (base: null only)
         self.proj: np.ndarray | None = None  # (384, r) projection, fixed at first use
         self.version = 0
         # caches (not checkpointed)
         self._item_emb = np.zeros((0, 0), np.float32)
         self._factor_cache: tuple | None = None
+        self._data: TrainingData | None = None
+        self._pm_cache: tuple | None = None
+        self._lens = np.zeros(0)
+        self._priors = np.zeros((1, 1))
+        self._group = np.zeros(0, np.int64)
 
     # -- embedding ----------------------------------------------------------------------------------
     @property
@@ -411,27 +412,40 @@ class LLMProfiler(Policy):
     def fit(self, data: TrainingData, world, *, step: int, rng, warm_start: bool) -> None:
         if self.base is not None:
             self.base.fit(data, world, step=step, rng=rng, warm_start=warm_start)
-        n_users = max(data.n_users, world.users.n)
-        # recency-ordered histories: by user, then newest step first, then later log rows first
-        rows = np.arange(len(data.users))
-        order = np.lexsort((-rows, -data.steps.astype(np.int64), data.users))
-        users, items = data.users[order], data.items[order]
-        # keep each (user, item) once (its most recent occurrence)
-        key = users.astype(np.int64) * (max(data.n_items, world.items.n) + 1) + items
-        _, first = np.unique(key, return_index=True)
-        keep = np.sort(first)
-        users, items = users[keep], items[keep]
-        self.hist_ptr = np.zeros(n_users + 1, np.int64)
-        np.cumsum(np.bincount(users, minlength=n_users), out=self.hist_ptr[1:])
-        self.hist_items = items.astype(np.int64)
-        self.pop = data.popularity()
-        # genre priors: population and per demographic group (mean history genre share)
+        self._data = data  # a reference (histories are built at refresh time, for the refreshed users only)
+        if self.base is None:
+            self.pop = data.popularity()
+        self.version += 1
+
+    def update(self, feedback, world):
+        if self.base is not None and self.base.online:
+            self.base.update(feedback, world)
+            self.version += 1
+
+    # -- profiles -----------------------------------------------------------------------------------
+    def _training_data(self, world) -> TrainingData:
+        """The platform's log now (the run's training data), or the data of the last fit."""
+        model = self.context.extra.get("model")
+        if model is not None and hasattr(model, "training_data"):
+            return model.training_data()
+        if self._data is None:
+            return TrainingData.empty(world.users.n, world.items.n)
+        return self._data
+
+    def _prepare(self, world, data: TrainingData) -> None:
+        """Per refresh: who has a history, each group's genre prior (mean history genre share)."""
+        import scipy.sparse as sp
+
+        n_users = max(world.users.n, data.n_users)
+        n_items = world.items.n
+        users = np.asarray(data.users, np.int64)
+        items = np.asarray(data.items, np.int64)
+        m = sp.csr_matrix((np.ones(len(users)), (users, items)), shape=(n_users, n_items))
+        m.sum_duplicates()
+        m.data[:] = 1.0
+        lens = np.asarray(m.sum(axis=1)).ravel()
         G = world.items.genres.shape[1]
-        lens = np.diff(self.hist_ptr)
-        owner = np.repeat(np.arange(n_users), lens)
-        shares = np.zeros((n_users, G))
-        if len(items):
-            np.add.at(shares, owner, world.items.genres[items])
+        shares = np.asarray(m @ world.items.genres[:n_items].astype(np.float64))
         has = lens > 0
         shares[has] /= lens[has, None]
         pop_prior = shares[has].mean(axis=0) if has.any() else np.full(G, 1.0 / G)
@@ -448,26 +462,30 @@ class LLMProfiler(Policy):
             sel = (grp == g) & has
             if sel.any():
                 priors[g] = shares[sel].mean(axis=0)
-        self.priors = priors  # row -1 = population
-        self.user_group = grp
-        self.version += 1
+        self._lens, self._priors, self._group = lens, priors, grp  # priors row -1 = population
 
-    def update(self, feedback, world):
-        if self.base is not None and self.base.online:
-            self.base.update(feedback, world)
-            self.version += 1
-
-    # -- profiles -----------------------------------------------------------------------------------
-    def _history(self, u: int) -> np.ndarray:
-        if u + 1 >= len(self.hist_ptr):
-            return np.zeros(0, np.int64)
-        return self.hist_items[self.hist_ptr[u] : self.hist_ptr[u + 1]]
+    @staticmethod
+    def _recent(data: TrainingData, users: np.ndarray) -> dict[int, np.ndarray]:
+        """Each user's distinct items, most recent first (by step, then by position in the log)."""
+        rows = np.flatnonzero(np.isin(data.users, users))
+        u = np.asarray(data.users, np.int64)[rows]
+        it = np.asarray(data.items, np.int64)[rows]
+        st = np.asarray(data.steps, np.int64)[rows]
+        order = np.lexsort((-rows, -st, u))
+        u, it = u[order], it[order]
+        key = u * (int(it.max(initial=0)) + 1) + it
+        _, first = np.unique(key, return_index=True)
+        keep = np.sort(first)
+        u, it = u[keep], it[keep]
+        bounds = np.flatnonzero(np.diff(u)) + 1
+        return {
+            int(g[0]): ii for g, ii in zip(np.split(u, bounds), np.split(it, bounds), strict=True) if len(g)
+        }
 
     def _select(self, world, step: int) -> np.ndarray:
         p = self.params
-        n = min(world.users.n, len(self.hist_ptr) - 1)
-        lens = np.diff(self.hist_ptr[: n + 1])
-        eligible = np.flatnonzero((lens > 0) & world.users.active[:n])
+        n = min(world.users.n, len(self._lens))
+        eligible = np.flatnonzero((self._lens[:n] > 0) & world.users.active[:n])
         k = len(eligible) if p.users_per_refresh is None else min(p.users_per_refresh, len(eligible))
         if (
             self.last_refresh < 0
@@ -493,8 +511,11 @@ class LLMProfiler(Policy):
 
         p = self.params
         svc = self.service
+        data = self._training_data(world)
+        self._prepare(world, data)
         users = self._select(world, step)
         self.last_refresh = step
+        recent = self._recent(data, users)
         genres = world.items.genres
         names = list(world.items.genre_names)
         attrs = world.users.attributes or {}
@@ -503,12 +524,12 @@ class LLMProfiler(Policy):
         catalog = svc.catalog_fingerprint() if svc.uses_payload else None
         template = p.prompt or self.DEFAULT_PROMPT
         for r, u in enumerate(users.tolist()):
-            h = self._history(u)
+            h = recent.get(u, np.zeros(0, np.int64))
             share = genres[h].mean(axis=0).astype(np.float64)
-            g = int(self.user_group[u]) if u < len(self.user_group) else -1
-            prior = self.priors[g] if (p.use_demographics and g >= 0) else self.priors[-1]
+            g = int(self._group[u]) if u < len(self._group) else -1
+            prior = self._priors[g] if (p.use_demographics and g >= 0) else self._priors[-1]
             shares_l.append(share)
-            prior_l.append(self.priors[g] if g >= 0 else self.priors[-1])
+            prior_l.append(self._priors[g] if g >= 0 else self._priors[-1])
             shown = h[: p.history_items]
             lines = []
             for i in shown.tolist():
@@ -538,13 +559,16 @@ class LLMProfiler(Policy):
         ok_users, ok_texts = [], []
         per_user: list[dict[str, Any]] = []
         n_failed = 0
+        parsed: dict[str, list[tuple[str, str]]] = {}
         for r, (_req, resp) in enumerate(zip(reqs, responses, strict=True)):
             u = int(users[r])
             if resp.failed:
                 n_failed += 1
                 continue
             text = resp.text.strip()
-            claims = parse_profile_claims(text, names, aliases=GENRE_ALIASES)
+            claims = parsed.get(text)
+            if claims is None:  # profiles repeat (the surrogate's always do): parse each text once
+                claims = parsed[text] = parse_profile_claims(text, names, aliases=GENRE_ALIASES)
             side = _side_info(attrs, u)
             ph = L.profile_hallucination(
                 claims,
@@ -617,8 +641,14 @@ class LLMProfiler(Policy):
         E = self.item_embeddings(world)
         cap = max(world.users.prefs.shape[0], world.users.n)
         self._ensure_users(cap, E.shape[1])
-        P = self._project(self.profiles[:cap]) * np.float32(self.params.weight)
-        return P.astype(np.float32), self._project(E).astype(np.float32)
+        key = (self.seq, cap, E.shape[0], None if self.proj is None else self.proj.shape)
+        hit = self._pm_cache
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        P = (self._project(self.profiles[:cap]) * np.float32(self.params.weight)).astype(np.float32)
+        Ep = self._project(E).astype(np.float32)
+        self._pm_cache = (key, P, Ep)
+        return P, Ep
 
     def factors(self, world):
         n_items = world.items.n
@@ -726,10 +756,6 @@ class LLMProfiler(Policy):
         "last_refresh",
         "seq",
         "reports",
-        "hist_ptr",
-        "hist_items",
-        "priors",
-        "user_group",
         "pop",
         "proj",
         "version",
@@ -746,6 +772,7 @@ class LLMProfiler(Policy):
         if self.base is not None and state.get("base") is not None:
             self.base.load_state_dict(state["base"])
         self._factor_cache = None
+        self._pm_cache = None
         self.version += 1
 
     def run_report(self) -> dict[str, Any]:
@@ -801,7 +828,7 @@ class ProfileMetrics(MetricComponent):
                         rows.append((name, GROUP_GEN + suffix, float(v)))
                 if np.isfinite(st.get("stability", np.nan)):
                     rows.append(("llm_profile_stability", GROUP_LOOP + suffix, float(st["stability"])))
-            sample = model.metrics.user_sample(fb.users)[:200]
+            sample = model.metrics.user_sample(fb.users)[:100]
             if len(sample):
                 v = prof.rank_shift(sample, model.scenario.k, model.world, model.t)
                 if np.isfinite(v):

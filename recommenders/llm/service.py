@@ -348,7 +348,7 @@ class LLMService:
         self.failure_records: list[dict[str, Any]] = []  # in-memory copy of the last failures (tests)
         self._base = self._zero_base()
         self._lock = threading.RLock()
-        self._catalog_fp: tuple[int, str] | None = None
+        self._catalog_fp: tuple[int, Any, str, str] | None = None
         self.step: int | None = None  # roles may set the current cycle (written into the failure log)
 
     def bind_world(self, world) -> None:
@@ -387,16 +387,22 @@ class LLMService:
 
     def catalog_fingerprint(self) -> str:
         """A short hash of the current catalog titles (put in surrogate payloads so cache keys change
-        when the catalog does; recomputed only when the catalog grows)."""
+        when the catalog does). Catalogs only grow by appending, so the hash is extended with the new
+        titles (the first title guards against a replaced catalog)."""
         titles = self.world.items.titles if self.world is not None else []
         n = len(titles)
-        if self._catalog_fp is None or self._catalog_fp[0] != n:
-            h = hashlib.sha256()
-            for t in titles:
+        st = self._catalog_fp
+        first = str(titles[0]) if n else ""
+        if st is None or st[0] > n or st[3] != first:
+            st = (0, hashlib.sha256(), "", first)
+        if st[0] != n or not st[2]:
+            h = st[1]
+            for t in titles[st[0] : n]:
                 h.update(str(t).encode("utf-8", "replace"))
                 h.update(b"\x00")
-            self._catalog_fp = (n, h.hexdigest()[:16])
-        return self._catalog_fp[1]
+            st = (n, h, h.copy().hexdigest()[:16], first)
+            self._catalog_fp = st
+        return st[2]
 
     def _role(self, role: str) -> dict[str, Any]:
         d = self.roles.get(role)
