@@ -48,6 +48,19 @@ def _f(x) -> float:
     return float(x) if x is not None else float("nan")
 
 
+def _mean_pair_jaccard(indptr, items, pairs) -> float:
+    """M.mean_pair_jaccard for a CSR whose rows are sorted and duplicate-free (History.csr), by a merge
+    per pair instead of sorting every (pair, item) key."""
+    from recloop.sim import kernels
+
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    if not kernels.HAVE_NUMBA or len(pairs) == 0:
+        return M.mean_pair_jaccard(indptr, items, pairs)
+    out = np.empty(len(pairs), np.float64)
+    kernels.pair_jaccard(np.asarray(indptr, np.int64), np.asarray(items, np.int64), pairs, out)
+    return float(out.mean())
+
+
 def _slate_exposure(model, fb, n_items: int) -> tuple[np.ndarray, bool]:
     """This cycle's exposure count per item (M.exposure_counts) and whether every slate is full,
     computed once per cycle and shared by the slate metrics."""
@@ -59,7 +72,10 @@ def _slate_exposure(model, fb, n_items: int) -> tuple[np.ndarray, bool]:
     full = bool(valid.all())
     if full and fb.slates.size and int(fb.slates.max()) >= n_items:
         raise ValueError(f"slate contains item id {int(fb.slates.max())} >= n_items={n_items}")
-    e = np.bincount(fb.slates.ravel(), minlength=n_items).astype(float) if full else M.exposure_counts(fb.slates, n_items)
+    if full:
+        e = np.bincount(fb.slates.ravel(), minlength=n_items).astype(float)
+    else:
+        e = M.exposure_counts(fb.slates, n_items)
     if cache is not None:
         suite._cycle = {"fb": fb, "n": n_items, "e": e, "full": full}
     return e, full
@@ -265,17 +281,19 @@ class Homogenization(MetricComponent):
         users = np.unique(self.pairs)
         indptr, items = model.history.csr(users)
         local = np.searchsorted(users, self.pairs)
-        rows = [("homogenization", "", M.mean_pair_jaccard(indptr, items, local))]
+        rows = [("homogenization", "", _mean_pair_jaccard(indptr, items, local))]
         pos = np.searchsorted(fb.users, self.pairs)
         pos = np.minimum(pos, len(fb.users) - 1)
         both = (fb.users[pos] == self.pairs).all(axis=1)
         if both.any():
             need, local = np.unique(pos[both], return_inverse=True)  # only the paired users' slates
-            rows.append(("rec_similarity", "", M.mean_pair_jaccard_slates(fb.slates[need], local.reshape(-1, 2))))
+            sl = np.sort(fb.slates[need], axis=1)  # sorted rows (empty slots -1 first, skipped): a CSR
+            ip = np.arange(0, sl.size + 1, max(sl.shape[1], 1), dtype=np.int64)[: len(sl) + 1]
+            rows.append(("rec_similarity", "", _mean_pair_jaccard(ip, sl.ravel(), local.reshape(-1, 2))))
         pairs = self._similar_pairs(model)
         us = np.unique(pairs)
         ip, it = model.history.csr(us)
-        rows.append(("homogenization_similar", "", M.mean_pair_jaccard(ip, it, np.searchsorted(us, pairs))))
+        rows.append(("homogenization_similar", "", _mean_pair_jaccard(ip, it, np.searchsorted(us, pairs))))
         return rows
 
 

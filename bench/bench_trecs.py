@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# ruff: noqa
 # Copied unchanged (below this header) from the project's peer references, /work/shared/peers/bench_trecs.py:
 # the T-RECS 0.2.1 reference loop that bench/run_bench.py runs in its own virtual environment
 # (T-RECS needs numpy < 2). Attribution: the recloop maintainers' peer-benchmark scripts; T-RECS is

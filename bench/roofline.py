@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# ruff: noqa
 # Copied unchanged (below this header) from the project's peer references, /work/shared/peers/roofline.py:
 # the standalone physical-limit reference. bench/run_bench.py measures the same modes in-process
 # (bench/roofline_ref.py) so the ratio is taken under the same conditions as the cycle.

@@ -42,10 +42,14 @@ RESULTS = HERE / "results"
 # thread each; the faster is the reference) and modes (XL: the bare product only: mode c's argpartition
 # would take minutes per step there and no XL target refers to it)
 SIZES = {
-    "S": dict(users=1_000, items=1_000, d=32, cycles=20, warmup=2, roof_steps=5, roof_workers=(1, 2), modes="a,c"),
-    "M": dict(users=10_000, items=5_000, d=32, cycles=10, warmup=2, roof_steps=5, roof_workers=(1, 2), modes="a,c"),
-    "L": dict(users=100_000, items=10_000, d=32, cycles=6, warmup=1, roof_steps=3, roof_workers=(2,), modes="a,c"),
-    "XL": dict(users=1_000_000, items=50_000, d=64, cycles=2, warmup=1, roof_steps=1, roof_workers=(2,), modes="a"),
+    "S": dict(users=1_000, items=1_000, d=32, cycles=20, warmup=2,
+              roof_steps=5, roof_workers=(1, 2), modes="a,c"),
+    "M": dict(users=10_000, items=5_000, d=32, cycles=10, warmup=2,
+              roof_steps=5, roof_workers=(1, 2), modes="a,c"),
+    "L": dict(users=100_000, items=10_000, d=32, cycles=6, warmup=1,
+              roof_steps=3, roof_workers=(2,), modes="a,c"),
+    "XL": dict(users=1_000_000, items=50_000, d=64, cycles=2, warmup=1,
+               roof_steps=1, roof_workers=(2,), modes="a"),
 }
 TRECS_STEPS = {"S": 5, "M": 3}
 TRECS_VENV = Path(os.environ.get("RECLOOP_TRECS_VENV", "/tmp/trecs"))
@@ -113,8 +117,8 @@ def child(size: str, cycles: int | None, backend: str) -> dict:
         "metrics_share": round(med("metrics") / cyc, 4) if cyc else None,
         "peak_rss_mb": round(rss_model, 1),
         "roofline_a_s": best_a, "roofline_c_s": best_c,
-        "roofline": {f"w{w}": {key: r[key] for key in ("a_median_s", "c_median_s", "a_gflops", "chunk_rows") if key in r}
-                     for w, r in roof.items()},
+        "roofline": {f"w{w}": {key: r[key] for key in ("a_median_s", "c_median_s", "a_gflops", "chunk_rows")
+                               if key in r} for w, r in roof.items()},
         "cycle_over_roofline_a": round(cyc / best_a, 3),
         "cycle_over_roofline_c": round(cyc / best_c, 3) if best_c else None,
         "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
@@ -161,8 +165,8 @@ def ensure_trecs() -> Path | None:
 
 def run_trecs(size: str, py: Path) -> dict | None:
     spec = SIZES[size]
-    cmd = [str(py), str(HERE / "bench_trecs.py"), "--users", str(spec["users"]), "--items", str(spec["items"]),
-           "--attrs", str(spec["d"]), "--k", "10", "--steps", str(TRECS_STEPS[size])]
+    cmd = [str(py), str(HERE / "bench_trecs.py"), "--users", str(spec["users"]), "--items",
+           str(spec["items"]), "--attrs", str(spec["d"]), "--k", "10", "--steps", str(TRECS_STEPS[size])]
     log(f"[{size}] T-RECS 0.2.1 ({TRECS_STEPS[size]} steps) ...")
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -219,14 +223,15 @@ def table(rows: list[dict]) -> None:
         t.add_column(col, justify="right")
     for r in rows:
         if r.get("skipped"):
-            t.add_row(r["size"], f"{r['users']:,} x {r['items']:,}", "-", "skipped", "", "", "", "", "", "", "", "")
+            t.add_row(r["size"], f"{r['users']:,} x {r['items']:,}", "-", "skipped", *[""] * 8)
             continue
         tr = r.get("trecs_s")
         c = r.get("roofline_c_s")
         t.add_row(r["size"], f"{r['users']:,} x {r['items']:,}", r["backend"], f"{r['cycle_s_median']:.4f}",
                   f"{r['roofline_a_s']:.4f}", f"{c:.4f}" if c else "-", f"{r['cycle_over_roofline_a']:.2f}",
                   f"{r['cycle_over_roofline_c']:.2f}" if c else "-", f"{100 * r['metrics_share']:.1f}",
-                  f"{r['peak_rss_mb']:.0f}", f"{tr:.3f}" if tr else "-", f"{r['trecs_speedup']:.0f}" if tr else "-")
+                  f"{r['peak_rss_mb']:.0f}", f"{tr:.3f}" if tr else "-",
+                  f"{r['trecs_speedup']:.0f}" if tr else "-")
     Console(stderr=True, width=200).print(t)
 
 
@@ -245,10 +250,10 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.loglog(x, [r["roofline_a_s"] for r in done], "s--", label="roofline a: bare product")
     rc = [(r["users"] * r["items"], r["roofline_c_s"]) for r in done if r.get("roofline_c_s")]
     if rc:
-        ax.loglog(*zip(*rc), "^--", label="roofline c: product+argpartition+choice")
+        ax.loglog(*zip(*rc, strict=True), "^--", label="roofline c: product+argpartition+choice")
     tr = [(r["users"] * r["items"], r["trecs_s"]) for r in done if r.get("trecs_s")]
     if tr:
-        ax.loglog(*zip(*tr), "x:", ms=9, label="T-RECS 0.2.1")
+        ax.loglog(*zip(*tr, strict=True), "x:", ms=9, label="T-RECS 0.2.1")
     for r in done:
         ax.annotate(r["size"], (r["users"] * r["items"], r["cycle_s_median"]), textcoords="offset points",
                     xytext=(4, -12))
@@ -269,7 +274,8 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=None, help="timed cycles per size (default per size)")
     ap.add_argument("--backend", default="auto", help="engine.backend for recloop (default auto)")
     ap.add_argument("--no-trecs", action="store_true", help="skip the T-RECS comparison")
-    ap.add_argument("--xl-budget", type=float, default=600.0, help="skip XL when its estimate exceeds this (s)")
+    ap.add_argument("--xl-budget", type=float, default=600.0,
+                    help="skip XL when its estimated run time exceeds this many seconds")
     ap.add_argument("--force-xl", action="store_true", help="run XL whatever the estimate")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -317,9 +323,23 @@ def main() -> None:
             line = json.dumps(r)
             print(line, flush=True)
             fh.write(line + "\n")
-    (out / "latest.json").write_text(json.dumps({"date": stamp, "machine": info, "rows": rows}, indent=2))
-    plot(rows, out / "scaling.png")
+    latest = latest_per_size(out / "results.jsonl")  # sizes run separately (e.g. XL) join the plot
+    (out / "latest.json").write_text(json.dumps({"date": stamp, "machine": info, "rows": latest}, indent=2))
+    plot(latest, out / "scaling.png")
     log(f"wrote {out / 'latest.json'}, {out / 'results.jsonl'}, {out / 'scaling.png'}")
+
+
+def latest_per_size(path: Path) -> list[dict]:
+    """The most recent measured row of every size in results.jsonl (S, M, L, XL order)."""
+    best: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not r.get("skipped") or r["size"] not in best:
+            best[r["size"]] = r
+    return [best[s] for s in SIZES if s in best]
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ class ContentFiltering(Policy):
 
     def factors(self, world):
         self._ensure(world)
-        mean = self.sums.sum(0) / max(self.counts.sum(), 1.0)
-        w = self.params.prior_weight
-        prof = (self.sums + w * mean) / (self.counts[:, None] + w)
-        return prof.astype(np.float32), world.items.attrs[: world.items.n], None
+        mean = (self.sums.sum(0) / max(self.counts.sum(), 1.0)).astype(np.float32)
+        w = np.float32(self.params.prior_weight)
+        prof = self.sums + w * mean  # one users x d temporary, updated in place
+        prof /= (self.counts + w)[:, None]
+        return prof, world.items.attrs[: world.items.n], None

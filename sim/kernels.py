@@ -148,12 +148,13 @@ def topk_rows(S, k, ex_ptr, ex_idx, hint, out_idx, out_val):
         _topk_one(S[r], k, ex_idx[ex_ptr[r]:ex_ptr[r + 1]], hint[r], out_val[r], out_idx[r])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def gather_dot(x, users, a, items, out):
     """out[r, j] = <x[users[r]], a[max(items[r, j], 0)]> accumulated in float64, stored as float32.
 
     The slate-utility gather without materialising the (n, k, d) block (serial: it runs on the
-    calling thread next to the engine's workers)."""
+    calling thread next to the engine's workers). ``reassoc`` lets the float64 sum vectorise; each
+    value depends only on its own row and item, never on the chunking."""
     n, k = items.shape
     d = x.shape[1]
     for r in range(n):
@@ -345,6 +346,51 @@ def merge_csr(ptr_a, idx_a, ptr_b, idx_b):
     for r in range(n):
         _merge_row(idx_a[ptr_a[r]:ptr_a[r + 1]], idx_b[ptr_b[r]:ptr_b[r + 1]], out[ptr[r]:ptr[r + 1]], True)
     return ptr, out
+
+
+@njit(cache=True, nogil=True)
+def csr_sorted_unique(ptr, idx):
+    """Each CSR row sorted with duplicates removed (a new CSR)."""
+    n = ptr.shape[0] - 1
+    out = np.empty(idx.shape[0], idx.dtype)
+    new_ptr = np.zeros(n + 1, np.int64)
+    w = 0
+    for r in range(n):
+        row = np.sort(idx[ptr[r]:ptr[r + 1]])
+        for j in range(row.shape[0]):
+            if j == 0 or row[j] != row[j - 1]:
+                out[w] = row[j]
+                w += 1
+        new_ptr[r + 1] = w
+    return new_ptr, out[:w]
+
+
+@njit(cache=True, nogil=True)
+def pair_jaccard(ptr, idx, pairs, out):
+    """out[p] = |A ∩ B| / |A ∪ B| for rows A = pairs[p, 0], B = pairs[p, 1] of a CSR with sorted,
+    duplicate-free rows (0 when both are empty); negative entries are ignored."""
+    for p in range(pairs.shape[0]):
+        a0, a1 = ptr[pairs[p, 0]], ptr[pairs[p, 0] + 1]
+        b0, b1 = ptr[pairs[p, 1]], ptr[pairs[p, 1] + 1]
+        while a0 < a1 and idx[a0] < 0:
+            a0 += 1
+        while b0 < b1 and idx[b0] < 0:
+            b0 += 1
+        na = a1 - a0
+        nb = b1 - b0
+        inter = 0
+        while a0 < a1 and b0 < b1:
+            if idx[a0] == idx[b0]:
+                inter += 1
+                a0 += 1
+                b0 += 1
+            elif idx[a0] < idx[b0]:
+                a0 += 1
+            else:
+                b0 += 1
+        union = na + nb - inter
+        out[p] = inter / union if union > 0 else 0.0
+    return out
 
 
 def warmup() -> None:

@@ -103,8 +103,8 @@ class FeedbackLoop(mesa.Model):
         for r in range(cfg.interactions_per_user):
             key = derive_key(self.seed, "initial_log", r)
             # a random slate per user: m distinct items via hashed ranks (chunking-invariant)
-            slate = self.engine.random_topk(users, m, w.items.n, key,
-                                            exclude=None if self.scenario.users.repeat_consumption else self.history)
+            exclude = None if self.scenario.users.repeat_consumption else self.history
+            slate = self.engine.random_topk(users, m, w.items.n, key, exclude=exclude)
             util = w.true_utility(users, slate)
             pos = self.choice.choose(util, slate >= 0, users, derive_key(self.seed, "initial_choice", r))
             hit = pos >= 0

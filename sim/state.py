@@ -153,12 +153,13 @@ class World:
         items = np.asarray(items)
         x, a = self.users.prefs, self.items.attrs
         if (kernels.HAVE_NUMBA and items.ndim == 2 and users.ndim == 1 and len(users) == len(items)
-                and x.dtype == np.float32 and a.dtype == np.float32 and x.flags.c_contiguous and a.flags.c_contiguous
+                and x.dtype == np.float32 and a.dtype == np.float32
+                and x.flags.c_contiguous and a.flags.c_contiguous
                 and (users.size == 0 or (users.min() >= 0 and users.max() < len(x)))
                 and (items.size == 0 or items.max() < len(a))):
             out = np.empty(items.shape, np.float32)  # fused gather + dot (float64 accumulation)
-            return kernels.gather_dot(x, users.astype(np.int64, copy=False), a, items.astype(np.int64, copy=False),
-                                      out)
+            return kernels.gather_dot(x, users.astype(np.int64, copy=False), a,
+                                      items.astype(np.int64, copy=False), out)
         return np.einsum("nkd,nd->nk", a[np.maximum(items, 0)], x[users], optimize=False)
 
 
@@ -178,8 +179,9 @@ class History:
         self.nnz = 0
 
     def _segment(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        order = np.lexsort((items, users))
-        users, items = users[order], items[order]
+        if len(users) > 1 and not bool(np.all(users[1:] > users[:-1])):  # one pair per sorted user: no sort
+            order = np.lexsort((items, users))
+            users, items = users[order], items[order]
         counts = np.bincount(users, minlength=self.n_users)
         indptr = np.zeros(self.n_users + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
@@ -203,7 +205,8 @@ class History:
         # log-structured merge: fold the newest segment into the previous one while it is at least half
         # its size (amortised O(log) work per pair instead of re-sorting everything every few cycles)
         segs = self.segments
-        while len(segs) > 1 and (2 * len(segs[-1][1]) >= len(segs[-2][1]) or len(segs) > 4 * self.max_segments):
+        while len(segs) > 1 and (2 * len(segs[-1][1]) >= len(segs[-2][1])
+                                 or len(segs) > 4 * self.max_segments):
             b = segs.pop()
             segs.append(self._merge(segs.pop(), b))
         self.nnz = sum(len(ix) for _, ix in segs)
@@ -215,7 +218,8 @@ class History:
         if kernels.HAVE_NUMBA:
             ptr, idx = kernels.merge_csr(a[0], a[1], b[0], b[1])
             return ptr, idx.astype(np.int32, copy=False)
-        u = np.concatenate([np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(p)) for p, _ in (a, b)])
+        rows = np.arange(self.n_users, dtype=np.int64)
+        u = np.concatenate([np.repeat(rows, np.diff(p)) for p, _ in (a, b)])
         i = np.concatenate([a[1], b[1]]).astype(np.int64)
         width = int(i.max()) + 1 if len(i) else 1
         key = np.unique(u * width + i)
@@ -303,7 +307,12 @@ class History:
         return np.isin(inv * width + items, r * width + c)
 
     def csr(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A deduplicated CSR (indptr, indices) over the given users (in that order)."""
+        """A deduplicated CSR (indptr, indices) over the given users (in that order), rows sorted."""
+        from recloop.sim import kernels
+
+        if kernels.HAVE_NUMBA:
+            ptr, items = self.rows_csr(users)
+            return kernels.csr_sorted_unique(ptr, items)
         r, c = self.pairs(users)
         if len(r):
             key = np.unique(r * (int(c.max()) + 1) + c)

@@ -109,3 +109,18 @@ def test_creators_publish_items_with_titles():
     assert np.allclose(w.creators.profiles.sum(axis=1), 1.0, atol=1e-3)
     assert (w.items.created_at[new] == 1).all()
     assert isinstance(w, World) and isinstance(w.creators, Creators)
+
+
+def test_drift_kernel_matches_reference_slerp():
+    from recloop.agents.dynamics import Drift
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 6)).astype(np.float32)
+    a = rng.standard_normal((20, 6)).astype(np.float32)
+    w = World(Users.create(x), Items.create(a, np.ones((20, 1), np.float32), [str(i) for i in range(20)]))
+    chosen = np.where(rng.random(50) < 0.7, rng.integers(0, 20, 50), -1)
+    expected = x.copy()
+    hit = chosen >= 0
+    expected[hit] = slerp(x[hit], a[chosen[hit]], 0.3)
+    Drift(Drift.Params(rate=0.3)).update(np.arange(50), chosen, w, 0)
+    np.testing.assert_allclose(w.users.prefs, expected, rtol=1e-5, atol=1e-6)

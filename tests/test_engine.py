@@ -88,13 +88,16 @@ def test_factor_path_matches_brute_force(backend, workers):
     ref_i, ref_v = brute_topk(S, 10, [pos[u] for u in r[keep]], c[keep])
     for chunk_rows in (1, 7, None):
         eng = ScoringEngine(backend, chunk_rows=chunk_rows, workers=workers)
-        seen = []
-        idx, val = eng.topk_factors(users, 10, U, V, b, exclude=hist,
-                                    on_chunk=lambda sl, it, sc: seen.append((sl.start, sl.stop)))
+        seen: list[tuple[int, int]] = []
+
+        def on_chunk(sl, items, scores, seen=seen):
+            seen.append((sl.start, sl.stop))
+
+        idx, val = eng.topk_factors(users, 10, U, V, b, exclude=hist, on_chunk=on_chunk)
         np.testing.assert_array_equal(idx, ref_i)
         np.testing.assert_array_equal(val, ref_v)
         assert seen[0][0] == 0 and seen[-1][1] == len(users)  # callbacks cover every user, in order
-        assert all(a[1] == b_[0] for a, b_ in zip(seen, seen[1:]))
+        assert all(a[1] == b_[0] for a, b_ in zip(seen, seen[1:], strict=False))
 
 
 @pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba not installed")
@@ -105,7 +108,7 @@ def test_warm_start_hints_never_change_slates(tied_case):
     rng = np.random.default_rng(9)
     users = np.arange(S.shape[0])
     eng = ScoringEngine("numba", chunk_rows=7)
-    for step in range(4):
+    for _ in range(4):
         S2 = S + rng.integers(-1, 2, size=S.shape).astype(np.float32)  # scores move, ties stay
         got = eng.topk(users, 6, S.shape[1], lambda ids, S2=S2: S2[ids], exclude=hist)
         ref = brute_topk(S2, 6, r, c)
@@ -159,7 +162,7 @@ def test_history_lookups_match_sets():
         u = rng.integers(0, n_users, 20)
         i = rng.integers(0, n_items, 20)
         h.add(u, i)
-        for a, b in zip(u, i):
+        for a, b in zip(u, i, strict=True):
             truth.setdefault(int(a), set()).add(int(b))
     assert len(h.segments) <= 8
     users = rng.permutation(n_users + 3)  # includes unknown users
@@ -169,8 +172,15 @@ def test_history_lookups_match_sets():
     qu = rng.integers(0, n_users, 200)
     qi = rng.integers(0, n_items, 200)
     got = h.contains(qu, qi)
-    want = np.array([int(b) in truth.get(int(a), set()) for a, b in zip(qu, qi)])
+    want = np.array([int(b) in truth.get(int(a), set()) for a, b in zip(qu, qi, strict=True)])
     np.testing.assert_array_equal(got, want)
+    ip, it = h.csr(users)  # sorted, duplicate-free rows
+    for row, u in enumerate(users):
+        assert it[ip[row]:ip[row + 1]].tolist() == sorted(truth.get(int(u), set()))
+    from recloop.analysis.collectors import _mean_pair_jaccard
+
+    pairs = rng.integers(0, len(users), (50, 2))
+    assert _mean_pair_jaccard(ip, it, pairs) == pytest.approx(M.mean_pair_jaccard(ip, it, pairs), abs=1e-15)
     h.compact()
     assert h.nnz == sum(len(s) for s in truth.values())
 
@@ -255,7 +265,8 @@ def _run_metrics(write_yaml, tmp_path, name, engine, text=SMALL, overrides=None)
     path = write_yaml(text, f"{name}.yaml")
     sc = load_scenario(path, overrides={"engine": engine, **(overrides or {})})
     run_scenario(sc, tmp_path / name, progress=False)
-    return pl.read_parquet(tmp_path / name / "metrics.parquet").sort(["policy", "seed", "step", "metric", "group"])
+    df = pl.read_parquet(tmp_path / name / "metrics.parquet")
+    return df.sort(["policy", "seed", "step", "metric", "group"])
 
 
 def test_full_run_identical_across_chunking_and_backends(write_yaml, tmp_path):

@@ -146,3 +146,19 @@ def test_calibrate_command_on_the_real_model_then_from_cache(tmp_path, capsys):
     assert rep2["params"] == rep["params"]
     main(["llm", "show", str(out)])
     assert '"params"' in capsys.readouterr().out
+
+
+@needs_ml
+def test_probe_sets_are_prefix_stable_and_stratified(ml):
+    w, init = ml
+    small = build_probes(w, init, probes=40, seed=2)
+    big = build_probes(w, init, probes=80, seed=2)
+    assert [p.request.prompt for p in small.probes] == [p.request.prompt for p in big.probes[:40]]
+    assert [p.split for p in small.probes] == [p.split for p in big.probes[:40]]
+    kinds = [p.kind for p in big.probes]
+    assert kinds.count("recommend") == 40 and kinds.count("profile") == 20 and kinds.count("rank") == 20
+    # both genders among the probed users (stratified by activity x gender)
+    g = w.users.attributes["gender"][[p.user for p in big.probes]]
+    assert set(g.tolist()) == {"F", "M"}
+    other = build_probes(w, init, probes=40, seed=3)
+    assert [p.request.prompt for p in other.probes] != [p.request.prompt for p in small.probes]

@@ -148,6 +148,24 @@ def match_titles(matcher: TitleMatcher, titles: list[str]) -> list:
     return out
 
 
+def _topk_lex(key: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's k smallest ``key``, ties to the smaller ``cand`` - the first k of
+    ``np.lexsort((cand, key))`` - via argpartition; rows with ties at the k-th key take the full sort."""
+    n, m = key.shape
+    if k >= m:
+        return np.lexsort((cand, key), axis=-1)[:, :k]
+    part = np.argpartition(key, k - 1, axis=1)[:, :k]
+    pk = np.take_along_axis(key, part, axis=1)
+    kth = pk.max(axis=1, keepdims=True)
+    exact = (key <= kth).sum(axis=1) == k  # no other column ties with the k-th key
+    o = np.lexsort((np.take_along_axis(cand, part, axis=1), pk), axis=-1)
+    out = np.take_along_axis(part, o, axis=1)
+    bad = np.flatnonzero(~exact)
+    if len(bad):
+        out[bad] = np.lexsort((cand[bad], key[bad]), axis=-1)[:, :k]
+    return out
+
+
 def _titles_line(titles: list[str], sep: str = "\n") -> str:
     return sep.join(f"- {t}" for t in titles)
 
@@ -727,13 +745,13 @@ class LLMRank:
         valid = (cand >= 0) & (s > -np.inf)  # NaN compares False: invalid too
         # base order: descending score, ties to the lower item id (as the pipeline without a re-ranker),
         # so users the LLM does not serve get exactly the slates they would get without this stage
-        order = np.lexsort((cand, np.where(valid, -s, np.inf)), axis=-1)
         n, m = cand.shape
         out = np.full((n, k), -1, np.int64)
         kk = min(k, m)
         if n == 0 or m == 0:
             return out
-        top = order[:, :kk]
+        key = np.where(valid, -s, np.inf)
+        top = _topk_lex(key, cand, kk)
         out[:, :kk] = np.where(
             np.take_along_axis(valid, top, axis=1), np.take_along_axis(cand, top, axis=1), -1
         )
@@ -743,7 +761,7 @@ class LLMRank:
         if len(rows) == 0:
             return out
         # full base order only for the served rows
-        o = order[rows]
+        o = np.lexsort((cand[rows], key[rows]), axis=-1)
         cand = np.take_along_axis(cand[rows], o, axis=1)
         s = np.take_along_axis(s[rows], o, axis=1)
         valid = np.take_along_axis(valid[rows], o, axis=1)
