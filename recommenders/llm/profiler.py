@@ -41,7 +41,13 @@ Metric components registered here:
   recommendation prompt filled with persona descriptors built from the users' attributes (gender x age
   band, plus "unmarked"), R samples each with a fixed seed list; item and genre distributions per
   persona -> JSD (bits) against the unmarked persona, Marked Words count and linear-SVM separability.
-  Runs only when the run has an LLM stage (it uses the run's LLM service, role ``probe``).
+  It runs in runs with an ``llm_profiler`` (R2: demographics are the profiler's risk), with that
+  profiler's ``demographic_probe`` settings, through the run's LLM service (role ``probe``), so every
+  policy of a scenario that has R2 is probed alike. The probe measures the model (a real model's
+  answers come from the cache after the first probe); with the surrogate, each persona's answer is
+  tilted toward the genres its members watch (``strength``), so the bias follows the loop's histories.
+  JSD on items is noisy for small ``samples`` (R x n titles per persona); the genre JSD is the stable
+  figure.
 """
 
 from __future__ import annotations
@@ -888,7 +894,7 @@ class DemographicBias(MetricComponent):
     """L-DEMOJSD: a fixed recommendation prompt filled with persona descriptors (gender × age band from
     user attributes, and 'unmarked'), R seeded samples each; JSD (bits) of item and genre distributions,
     Marked Words and linear-SVM separability against the unmarked persona. Every
-    demographic_probe.every cycles, only in runs with an LLM stage (role=probe)."""
+    demographic_probe.every cycles of runs with an llm_profiler (its settings; role=probe)."""
 
     METRICS = {
         "llm_demo_jsd": "L-DEMOJSD JSD (bits) of recommended-item distributions, persona vs unmarked "
@@ -910,15 +916,12 @@ class DemographicBias(MetricComponent):
     def load_state_dict(self, state):
         self._probe = _Probe()
 
-    def _config(self, model) -> DemographicProbe:
-        profs = find_profilers(model.policy)
-        return profs[0].params.demographic_probe if profs else DemographicProbe()
-
     def compute(self, model, fb, popularity):
         ctx = getattr(model, "policy_context", None) or getattr(model.policy, "context", None)
-        if ctx is None or not has_service(ctx):
+        profs = find_profilers(model.policy)
+        if ctx is None or not profs or not has_service(ctx):
             return []
-        cfg = self._config(model)
+        cfg = profs[0].params.demographic_probe
         if cfg.every == 0 or model.t % cfg.every != 0:
             return []
         world = model.world
