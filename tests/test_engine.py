@@ -292,4 +292,8 @@ def test_full_run_identical_with_torch_on_exact_scores(write_yaml, tmp_path):
     ref = _run_metrics(write_yaml, tmp_path, "tref", {"backend": "numpy"}, overrides=over)
     for i, eng in enumerate([{"backend": "torch"}, {"backend": "torch", "chunk_rows": 13}]):
         got = _run_metrics(write_yaml, tmp_path, f"t{i}", eng, overrides=over)
-        assert got.equals(ref, null_equal=True), eng
+        # identical slates; metric values to the last bits (BLAS reductions inside metrics may differ
+        # in the final ulp when the machine is loaded and thread partitioning changes)
+        from polars.testing import assert_frame_equal
+
+        assert_frame_equal(got, ref, check_exact=False, rtol=1e-9, atol=1e-12)
