@@ -9,7 +9,6 @@ need pairs or user histories work on fixed samples drawn once per run (``metrics
 from __future__ import annotations
 
 import numpy as np
-from pydantic import Field
 
 from recloop import registry
 from recloop.analysis import metrics as M
@@ -179,7 +178,8 @@ class PopularityBias(MetricComponent):
             has = lens > 0
             owner = np.repeat(np.arange(len(sample)), lens)
             prof_pop = np.bincount(owner, weights=pop[items], minlength=len(sample)) / np.maximum(lens, 1)
-            prof_head = np.bincount(owner, weights=head[items].astype(float), minlength=len(sample)) / np.maximum(lens, 1)
+            prof_head = np.bincount(owner, weights=head[items].astype(float), minlength=len(sample))
+            prof_head = prof_head / np.maximum(lens, 1)
             rec_pop = M.per_user_mean(fb.slates[idx], pop)
             ok = has & np.isfinite(rec_pop)
             if ok.sum() >= 5:
@@ -475,7 +475,8 @@ class Utility(MetricComponent):
                 users = self.regret_users[here]
                 w = model.world
                 exclude = None if model.scenario.users.repeat_consumption else _Before(model.history, fb)
-                _, best = model.engine.topk_factors(users, 1, w.users.prefs, w.items.attrs[: w.items.n], exclude=exclude)
+                _, best = model.engine.topk_factors(users, 1, w.users.prefs, w.items.attrs[: w.items.n],
+                                                    exclude=exclude)
                 best = np.where(np.isfinite(best[:, 0]), best[:, 0], 0.0)
                 rows.append(("regret", "", M.regret(best, fb.utility[pos[here]]) / len(users)))
         return rows

@@ -303,7 +303,8 @@ def check_metric(name: str, params: dict | None = None, seed: int = 8) -> None:
         assert metric == metric.lower() and " " not in metric, f"metric {name}: '{metric}' must be snake_case"
     _, rows2 = run_once()
     assert [(a, b) for a, b, _ in rows] == [(a, b) for a, b, _ in rows2], f"metric {name}: rows differ between runs"
-    assert np.allclose([v for *_, v in rows], [v for *_, v in rows2], equal_nan=True), f"metric {name}: not deterministic"
+    same = np.allclose([v for *_, v in rows], [v for *_, v in rows2], equal_nan=True)
+    assert same, f"metric {name}: not deterministic"
     pickle.loads(pickle.dumps(m.metrics.state_dict()))
 
 

@@ -26,7 +26,8 @@ from recloop.registry import Params, register
 
 def _check_component(kind: str, value: Any) -> dict:
     if not isinstance(value, dict) or "type" not in value:
-        raise ValueError(f"must be a mapping with a 'type:' naming a {kind}; allowed: {', '.join(registry.names(kind))}")
+        allowed = ", ".join(registry.names(kind))
+        raise ValueError(f"must be a mapping with a 'type:' naming a {kind}; allowed: {allowed}")
     spec = registry.get(kind, value["type"])
     cfg = {k: v for k, v in value.items() if k != "type"}
     try:

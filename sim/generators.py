@@ -34,12 +34,12 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import scipy.sparse as sp
 from pydantic import Field
-from recloop.recommenders.base import TrainingData
-from recloop.sim.state import Creators, Items, Users, World
-from recloop.sim.titles import make_titles
 
 from recloop.errors import RecloopInputError
+from recloop.recommenders.base import TrainingData
 from recloop.registry import Params, register
+from recloop.sim.state import Creators, Items, Users, World
+from recloop.sim.titles import make_titles
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]

@@ -206,7 +206,8 @@ def _execute_ray(resolved: dict, todo, root: Path, resume: bool, workers: int, s
 
 
 def execute(scenario, root: Path, *, resume: bool, workers: int = 1, progress: bool = True,
-            scenario_file: str | None = None, manifest: dict | None = None, executor: str = "process") -> dict[str, Any]:
+            scenario_file: str | None = None, manifest: dict | None = None,
+            executor: str = "process") -> dict[str, Any]:
     store = RunStore(root)
     manifest = manifest or store.read_manifest()
     jobs = [(p, s) for p in scenario.policy_configs() for s in scenario.seeds()]

@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from recloop.sim import generators as G
-from recloop.sim.titles import FLAVOUR_NAMES, flavour_of_genre, make_titles
 
 from recloop import registry
 from recloop.errors import RecloopInputError
+from recloop.sim import generators as G
+from recloop.sim.titles import FLAVOUR_NAMES, flavour_of_genre, make_titles
 
 HAS_RECBOLE = importlib.util.find_spec("recbole") is not None
 needs_recbole = pytest.mark.skipif(not HAS_RECBOLE, reason="recbole (MovieLens-100K files) not installed")

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+
 from recloop.analysis.llm_metrics import (
     distributional_popbias,
     hallucination_stats,

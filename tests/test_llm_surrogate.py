@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+
 from recloop.analysis.llm_metrics import hallucination_stats, lpd, profile_hallucination
 from recloop.recommenders.llm.matching import TitleMatcher, normalise_title, ratio
 from recloop.recommenders.llm.parsing import parse_profile_claims, parse_ranking, parse_title_list

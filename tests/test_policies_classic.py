@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from pydantic import ValidationError
+
 from recloop.recommenders.base import PolicyContext, TrainingData
 from recloop.recommenders.knn import ItemKNN, topk_item_similarity
 from recloop.recommenders.mf import ALS, BPR, RelMF, als_half_step, relmf_propensity
-from recloop.sim.state import History, Items, Users, World
-
 from recloop.registry import _REGISTRY
+from recloop.sim.state import History, Items, Users, World
 
 
 def make_world(n_users: int, n_items: int, d: int = 4, seed: int = 0) -> World:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from pydantic import ValidationError
+
 from recloop.recommenders.base import PolicyContext, TrainingData
 from recloop.recommenders.rerankers import (
     MMR,
@@ -18,9 +19,8 @@ from recloop.recommenders.rerankers import (
     fair_fail_probability,
     fair_mtable,
 )
-from recloop.sim.state import History, Items, Users, World
-
 from recloop.registry import _REGISTRY
+from recloop.sim.state import History, Items, Users, World
 
 ALL = {"identity": Identity, "mmr": MMR, "calibrated": Calibrated, "fair": FairTopK,
        "popularity_penalty": PopularityPenalty}

@@ -44,7 +44,7 @@ def test_run_store_contract(tiny_yaml, tmp_path):
 def test_same_seed_same_metrics_and_other_seed_differs(tiny_yaml, tmp_path):
     a = run_scenario(tiny_yaml, tmp_path / "a", progress=False)
     b = run_scenario(tiny_yaml, tmp_path / "b", progress=False)
-    c = run_scenario(tiny_yaml, tmp_path / "c", progress=False, seed=99)
+    run_scenario(tiny_yaml, tmp_path / "c", progress=False, seed=99)
     assert a["config_hash"] == b["config_hash"]
     da = pl.read_parquet(tmp_path / "a" / "metrics.parquet")
     db = pl.read_parquet(tmp_path / "b" / "metrics.parquet")
@@ -60,7 +60,8 @@ def test_chunk_size_and_workers_do_not_change_results(write_yaml, tiny_yaml, tmp
     run_scenario(chunked, tmp_path / "b", progress=False, workers=2)
     da = pl.read_parquet(tmp_path / "a" / "metrics.parquet")
     db = pl.read_parquet(tmp_path / "b" / "metrics.parquet")
-    assert da.select("policy", "seed", "step", "metric", "group").equals(db.select("policy", "seed", "step", "metric", "group"))
+    keys = ["policy", "seed", "step", "metric", "group"]
+    assert da.select(keys).equals(db.select(keys))
     np.testing.assert_allclose(da["value"].to_numpy(), db["value"].to_numpy(), rtol=1e-5, atol=1e-7)
 
 
