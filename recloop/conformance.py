@@ -119,49 +119,38 @@ def check_choice(name: str, params: dict | None = None, seed: int = 1) -> None:
         generator, w = tiny_world(seed, world_cfg)
         n = w.users.n
     model = registry.build("choice", cfg, seed=seed, generator=generator)
-    if hasattr(model, "choose_many"):
-        return _check_choose_many(name, model, n, seed)
+    many = hasattr(model, "choose_many")
+    key = derive_key(seed, "choice", 0)
+
+    def call(util, valid, users):
+        if many:
+            return model.choose_many(util, valid, users, key, step=0)
+        return model.choose(util, valid, users, key)
+
     rng = np.random.default_rng(seed)
     k = 6
     util = rng.random((n, k)).astype(np.float32)
     valid = rng.random((n, k)) > 0.2
     users = np.arange(n, dtype=np.int64)
     u0, v0 = util.copy(), valid.copy()
-    key = derive_key(seed, "choice", 0)
-    pos = model.choose(util, valid, users, key)
+    out = call(util, valid, users)
     assert np.array_equal(util, u0) and np.array_equal(valid, v0), f"choice {name}: modified its inputs"
-    assert pos.shape == (n,) and np.issubdtype(pos.dtype, np.integer), f"choice {name}: positions shape/type"
-    assert ((pos >= -1) & (pos < k)).all(), f"choice {name}: positions out of range"
-    picked = pos >= 0
-    assert valid[np.flatnonzero(picked), pos[picked]].all(), f"choice {name}: picked an invalid slot"
-    assert np.array_equal(pos, model.choose(util, valid, users, key)), f"choice {name}: not deterministic"
-    # chunking invariance: the same users in two halves choose the same
-    half = np.concatenate([model.choose(util[:77], valid[:77], users[:77], key),
-                           model.choose(util[77:], valid[77:], users[77:], key)])
-    assert np.array_equal(pos, half), f"choice {name}: depends on how users are chunked"
+    assert np.array_equal(out, call(util, valid, users)), f"choice {name}: not deterministic"
+    cut = n // 3  # chunking invariance: the same users in two parts choose the same
+    parts = np.concatenate([call(util[:cut], valid[:cut], users[:cut]), call(util[cut:], valid[cut:], users[cut:])])
+    assert np.array_equal(out, parts), f"choice {name}: depends on how users are chunked"
+    pickle.loads(pickle.dumps(model))
+    if many:
+        assert out.shape == (n, k) and out.dtype == bool, f"choice {name}: choose_many must return (n, k) bool"
+        assert not (out & ~valid).any(), f"choice {name}: accepted an invalid slot"
+        return
+    assert out.shape == (n,) and np.issubdtype(out.dtype, np.integer), f"choice {name}: positions shape/type"
+    assert ((out >= -1) & (out < k)).all(), f"choice {name}: positions out of range"
+    picked = out >= 0
+    assert valid[np.flatnonzero(picked), out[picked]].all(), f"choice {name}: picked an invalid slot"
     probs = model.probabilities(util, valid)
     if probs is not None:
         assert np.allclose(probs.sum(axis=1), 1.0), f"choice {name}: probabilities do not sum to 1"
-    pickle.loads(pickle.dumps(model))
-
-
-def _check_choose_many(name: str, model, n: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    k = 6
-    util = rng.random((n, k)).astype(np.float32)
-    valid = rng.random((n, k)) > 0.2
-    users = np.arange(n, dtype=np.int64)
-    u0, v0 = util.copy(), valid.copy()
-    key = derive_key(seed, "choice", 0)
-    acc = model.choose_many(util, valid, users, key, step=0)
-    assert np.array_equal(util, u0) and np.array_equal(valid, v0), f"choice {name}: modified its inputs"
-    assert acc.shape == (n, k) and acc.dtype == bool, f"choice {name}: choose_many must return (n, k) bool"
-    assert not (acc & ~valid).any(), f"choice {name}: accepted an invalid slot"
-    assert np.array_equal(acc, model.choose_many(util, valid, users, key, step=0)), f"choice {name}: not deterministic"
-    half = np.concatenate([model.choose_many(util[:n // 3], valid[:n // 3], users[:n // 3], key, step=0),
-                           model.choose_many(util[n // 3:], valid[n // 3:], users[n // 3:], key, step=0)])
-    assert np.array_equal(acc, half), f"choice {name}: depends on how users are chunked"
-    pickle.loads(pickle.dumps(model))
 
 
 def check_dynamics(name: str, params: dict | None = None, seed: int = 2) -> None:
