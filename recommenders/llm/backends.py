@@ -97,13 +97,18 @@ def find_smollm2_gguf() -> Path:
     )
 
 
-def default_convert_cache_dir() -> Path:
-    """Where converted GGUF weights are kept: ``$RECLOOP_MODEL_CACHE`` or ``~/.cache/recloop/models``."""
-    env = os.environ.get("RECLOOP_MODEL_CACHE")
+def user_cache_dir(sub: str, env_var: str) -> Path:
+    """``$<env_var>``, else ``$XDG_CACHE_HOME/recloop/<sub>`` (``~/.cache/recloop/<sub>``)."""
+    env = os.environ.get(env_var)
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "recloop" / "models"
+    return Path(base) / "recloop" / sub
+
+
+def default_convert_cache_dir() -> Path:
+    """Where converted GGUF weights are kept: ``$RECLOOP_MODEL_CACHE`` or ``~/.cache/recloop/models``."""
+    return user_cache_dir("models", "RECLOOP_MODEL_CACHE")
 
 
 def _set_offline() -> None:
@@ -139,14 +144,7 @@ class TransformersBackend(LLMBackend):
         """torch CPU threads (None leaves torch's setting alone)."""
 
     def __init__(self, params: TransformersBackend.Params | None = None, **context: Any):
-        fields = self.Params.model_fields
-        own = {k: context.pop(k) for k in list(context) if k in fields}
-        if params is None:
-            params = self.Params(**own)
-        elif own:
-            params = params.model_copy(update=own)
-        self.params = params
-        self.context = context
+        params = self._take_params(params, context)
         self._model_dir, self._gguf_file = self._resolve(params)
         self._model: Any = None
         self._tok: Any = None
@@ -464,14 +462,7 @@ class OpenAIBackend(LLMBackend):
         """Timeouts are final by default (a slow server would otherwise cost timeout × retries)."""
 
     def __init__(self, params: OpenAIBackend.Params | None = None, **context: Any):
-        fields = self.Params.model_fields
-        own = {k: context.pop(k) for k in list(context) if k in fields}
-        if params is None:
-            params = self.Params(**own)
-        elif own:
-            params = params.model_copy(update=own)
-        self.params = params
-        self.context = context
+        params = self._take_params(params, context)
         import httpx
 
         root = params.base_url.rstrip("/")

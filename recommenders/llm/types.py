@@ -123,6 +123,18 @@ class LLMBackend(abc.ABC):
     def loglik(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
         """Sum log-probability (nats) of each continuation given its prompt (raw text, no template)."""
 
+    def _take_params(self, params, context: dict[str, Any]):
+        """Accept ``Backend(Backend.Params(...))`` or ``Backend(field=value, ...)`` (or both: keywords win);
+        sets ``self.params`` and ``self.context`` (the remaining keywords)."""
+        own = {k: context.pop(k) for k in list(context) if k in self.Params.model_fields}
+        if params is None:
+            params = self.Params(**own)
+        elif own:
+            params = params.model_copy(update=own)
+        self.params = params
+        self.context = context
+        return params
+
     def cost_usd(self, response: LLMResponse) -> float:
         """The price of one response (0 for local models)."""
         return 0.0
