@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from recloop.limits import MAX_ITEMS
 from recloop.registry import Params, register
 from recloop.sim.rng import component_rng
 
@@ -44,7 +45,7 @@ class TrecsCreators(CreatorModel):
     class Params(Params):
         creation_prob: float = Field(0.5, ge=0, le=1, description="p_c per creator per cycle")
         learning_rate: float = Field(0.05, ge=0, description="η")
-        max_new_items: int = Field(100000, ge=0, description="cap on items created over the whole run")
+        max_new_items: int = Field(100000, ge=0, le=MAX_ITEMS, description="cap on items created over the whole run")
 
     def __init__(self, params=None, **context):
         super().__init__(params, **context)

@@ -32,6 +32,7 @@ from pydantic import Field
 
 from recloop.agents.choice import ChoiceModel
 from recloop.errors import RecloopInputError
+from recloop.limits import MAX_K, MAX_STEPS
 from recloop.registry import Params, register
 
 __all__ = ["ReplayChoice", "window_counts", "window_edges"]
@@ -81,7 +82,7 @@ class ReplayChoice(ChoiceModel):
     example_world = {"type": "movielens", "dim": 8, "n_users": 100, "n_items": 200, "initial_fraction": 0.5}
 
     class Params(Params):
-        windows: int = Field(10, gt=0, description="time windows = replayed cycles (set steps to this)")
+        windows: int = Field(10, gt=0, le=MAX_STEPS, description="time windows = replayed cycles (set steps to this)")
         split: Literal["timestamps", "time"] = Field(
             "timestamps",
             description="timestamps: equal numbers of distinct timestamps (EchoTrace); "
@@ -92,7 +93,7 @@ class ReplayChoice(ChoiceModel):
             description="real interactions that set the activity: the held-out positives "
             "(after the initial log), all positives, or all ratings",
         )
-        max_per_cycle: int | None = Field(None, gt=0, description="cap on items accepted per user and cycle")
+        max_per_cycle: int | None = Field(None, gt=0, le=MAX_K, description="cap on items accepted per user and cycle")
 
     def __init__(self, params=None, *, generator=None, seed: int = 0, **context):
         super().__init__(params, **context)

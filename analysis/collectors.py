@@ -82,13 +82,18 @@ def _slate_exposure(model, fb, n_items: int) -> tuple[np.ndarray, bool]:
 
 @register("metric", "exposure")
 class Exposure(MetricComponent):
-    """M-GINI, M-COV, M-ENT on exposure (slates), per cycle and cumulative."""
+    """M-GINI, M-COV, M-ENT on exposure (slates), per cycle and cumulative.
+
+    ``coverage_cum`` (M-COV, cumulative union over τ ≤ t) is |items ever shown| / |current catalog|:
+    the denominator is the catalog size *now*, so the value falls when new items arrive faster than
+    they are shown (creators publishing), even though no shown item is ever forgotten."""
 
     METRICS = {
         "gini_exposure": "M-GINI of item exposure counts this cycle (all items, zeros included)",
         "gini_exposure_cum": "M-GINI of cumulative exposure since the start",
         "coverage": "M-COV: share of the catalog shown to anyone this cycle",
-        "coverage_cum": "M-COV cumulative: share of the catalog ever shown",
+        "coverage_cum": "M-COV cumulative coverage (share of current catalog): items ever shown ÷ current "
+                        "catalog size; falls when the catalog grows faster than new items are shown",
         "exposure_entropy": "M-ENT: Shannon entropy (nats) of exposure shares this cycle",
     }
 
@@ -483,20 +488,34 @@ class Utility(MetricComponent):
 
 
 class _Before:
-    """History as it was before this cycle's consumption (the oracle compares against unconsumed items)."""
+    """History as it was before this cycle's consumption (M-UTIL: the oracle's best item is among the
+    items unconsumed *before* the choice, so a user who picked the best item has zero regret).
+
+    One definition for any number of users or pairs (it used to keep this cycle's pairs, and so
+    change the regret, once a chunk of users held 50,000 history pairs or more)."""
 
     def __init__(self, history, fb):
         self.history = history
-        self.consumed = dict(zip(fb.users[fb.chosen_item >= 0].tolist(), fb.chosen_item[fb.chosen_item >= 0].tolist()))
+        hit = fb.chosen_item >= 0
+        users, items = np.asarray(fb.users[hit], np.int64), np.asarray(fb.chosen_item[hit], np.int64)
+        order = np.argsort(users, kind="stable")  # feedback users are sorted already; cheap to be sure
+        self.users, self.items = users[order], items[order]
+
+    def consumed(self, users: np.ndarray) -> np.ndarray:
+        """The item each user consumed this cycle, or -1."""
+        users = np.asarray(users, np.int64)
+        if len(self.users) == 0:
+            return np.full(len(users), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.users, users), len(self.users) - 1)
+        return np.where(self.users[pos] == users, self.items[pos], -1)
 
     def pairs(self, users):
+        """History (row, item) pairs of ``users`` without the pairs consumed this cycle."""
         r, c = self.history.pairs(users)
         if not len(r):
             return r, c
-        drop = np.array([self.consumed.get(int(users[i])) == int(j) for i, j in zip(r, c)]) if len(r) < 50000 else None
-        if drop is None:
-            return r, c
-        return r[~drop], c[~drop]
+        keep = c != self.consumed(users)[r]
+        return r[keep], c[keep]
 
 
 @register("metric", "provenance")

@@ -134,7 +134,9 @@ def gini_normalised(values: ArrayLike) -> float:
 def coverage(slates: ArrayLike, n_items: int) -> float:
     """Catalog coverage ``|∪_u L_u| / n_I`` (M-COV); ignores empty slots. ``n_items <= 0`` → ``nan``.
 
-    For cumulative coverage, stack the slates of all cycles ``τ ≤ t``.
+    For cumulative coverage, stack the slates of all cycles ``τ ≤ t``. With a growing catalog pass
+    the *current* ``n_items``: the value is then a share of the current catalog and can fall over time
+    (the per-cycle metric ``coverage_cum`` is defined this way).
     """
     if n_items <= 0:
         return _NAN
@@ -642,8 +644,11 @@ def serendipity(slates: ArrayLike, primitive_items: ArrayLike, useful_mask_per_u
     ``primitive_items``: ``(n_users, k2)`` int array (``-1`` = empty) of the primitive
     recommender's list PM_u (our choice: popularity top-k). ``useful_mask_per_user``:
     ``(n_users, k)`` bool aligned with ``slates`` (True if ``V_ui ≥ τ_use``).
+    No users (or no user with a valid slate item) → ``nan``, like the other means over users.
     """
     arr, valid, _ = _slates(slates)
+    if arr.shape[0] == 0:
+        return _NAN
     pm = np.asarray(primitive_items)
     if pm.size == 0:
         pm = np.full((arr.shape[0], 0), -1, dtype=np.int64)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import typing
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +16,23 @@ from recloop.errors import RecloopInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Simulate recommender feedback loops from YAML scenarios.")
+
+
+def _version(value: bool) -> None:
+    """``recloop --version``: print ``recloop <version>`` and stop."""
+    if value:
+        from recloop import __version__
+
+        typer.echo(f"recloop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="print the version and exit", callback=_version,
+                                 is_eager=True),
+) -> None:
+    """Simulate recommender feedback loops from YAML scenarios."""
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -68,11 +84,14 @@ def resume(
 
 @app.command()
 def validate(scenario: Path = typer.Argument(..., help="scenario YAML file")) -> None:
-    """Check a scenario file without running it."""
+    """Check a scenario file without running it: every check `run` makes while setting up, short of simulating."""
+    from recloop.errors import clip
     from recloop.sim.config import load_scenario
+    from recloop.sim.preflight import check_scenario
 
     sc = load_scenario(scenario)
-    pols = ", ".join(sc.policy_configs())
+    check_scenario(sc, file=str(scenario))
+    pols = clip(", ".join(sc.policy_configs()), 500)
     typer.echo(f"ok: {scenario} ({sc.name}; {sc.steps} cycles; policies: {pols}; config hash {sc.config_hash()})")
 
 
@@ -92,6 +111,7 @@ def list_components(kind: Optional[str] = typer.Argument(None, help="only this k
 
     from recloop import registry
     from recloop.analysis.collectors import MetricComponent
+    from recloop.describe import param_line
 
     if kind is not None and kind not in registry.KINDS:
         raise RecloopInputError(f"unknown kind '{kind}'. Kinds: {', '.join(registry.KINDS)}.", key="kind")
@@ -105,14 +125,7 @@ def list_components(kind: Optional[str] = typer.Argument(None, help="only this k
         table.add_column("description")
         table.add_column("parameters")
         for spec in specs:
-            params = []
-            for name, field in spec.params.model_fields.items():
-                default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-                ann = str(field.annotation) if typing.get_args(field.annotation) else \
-                    getattr(field.annotation, "__name__", str(field.annotation))
-                ann = ann.replace("typing.", "")
-                desc = f" — {field.description}" if field.description else ""
-                params.append(f"{field.alias or name}: {ann} = {default}{desc}")
+            params = [param_line(name, field) for name, field in spec.params.model_fields.items()]
             doc = " ".join(spec.doc.split("\n\n")[0].split())
             if issubclass(spec.cls, MetricComponent):
                 doc += "\n" + "\n".join(f"• {m}: {d}" for m, d in spec.cls.METRICS.items())
@@ -131,7 +144,7 @@ def plot(
 
     if not run_dir.is_dir():
         raise RecloopInputError("no such run directory.", file=str(run_dir))
-    names = [m.strip() for m in metrics.split(",")] if metrics else None
+    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     try:
         path = plot_run(run_dir, out, names)
     except ValueError as exc:
@@ -161,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             raise SystemExit(exc.exit_code) from None
+        from recloop.sim.store import DiskFullError
+
+        if isinstance(exc, DiskFullError):  # one line, exit 1: what was written stays, `recloop resume` goes on
+            _fail(str(exc), exc.exit_code)
         raise
     except KeyboardInterrupt:
         _fail("interrupted; `recloop resume DIR` continues the run from its last checkpoint.", 130)

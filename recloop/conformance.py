@@ -3,27 +3,65 @@
 
 ``check_component(kind, name)`` builds the component from its ``example_params`` (a class attribute,
 ``{}`` by default) on a tiny seeded world and checks: seeded determinism, output shapes and types,
-inputs left unmodified, and the checkpoint round-trip (``state_dict``/``load_state_dict`` or pickle).
+inputs left unmodified, and the checkpoint round-trip (``state_dict``/``load_state_dict`` through the
+npz + JSON checkpoint format of :mod:`recloop.sim.checkpoint`: arrays and plain values only, no pickle).
 Third-party plugins call it from their own test suites::
 
     from recloop.conformance import check_component
     def test_my_policy():
-        check_component("policy", "my_policy")
+        report = check_component("policy", "my_policy")
+        print(report)  # the checks it passed, one per line
+
+``check_component`` returns a :class:`ConformanceReport` (kind, name and the names of the checks passed);
+a failed check raises AssertionError naming the component and what went wrong.
 """
 
 from __future__ import annotations
 
 import copy
 import pickle
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from recloop import registry
 from recloop.recommenders.base import Feedback, PolicyContext, TrainingData
+from recloop.sim.checkpoint import roundtrip
 from recloop.sim.engine import ScoringEngine
 from recloop.sim.rng import component_rng, derive_key
 from recloop.sim.state import History
+
+
+@dataclass
+class ConformanceReport:
+    """What :func:`check_component` checked: the checks the component passed, in order (printable)."""
+
+    kind: str
+    name: str
+    passed: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.passed)
+
+    def __contains__(self, check: str) -> bool:
+        return check in self.passed
+
+    def __str__(self) -> str:
+        lines = [f"{self.kind} '{self.name}': {len(self.passed)} conformance checks passed"]
+        return "\n".join(lines + [f"  ✓ {c}" for c in self.passed])
+
+
+_REPORT: ContextVar[ConformanceReport | None] = ContextVar("conformance_report", default=None)
+
+
+def _passed(check: str) -> None:
+    """Record a passed check in the report of the running :func:`check_component` (once per name)."""
+    rep = _REPORT.get()
+    if rep is not None and check not in rep.passed:
+        rep.passed.append(check)
+
 
 TINY_WORLD = {"type": "chaney", "n_users": 60, "n_items": 80, "dim": 6, "n_creators": 5}
 
@@ -82,29 +120,36 @@ def check_policy(name: str, params: dict | None = None, k: int = 5, seed: int = 
     pol = make()
     slates, scores = pol.recommend(users, k, world, exclude=hist, step=1)
     assert _same(before, _snapshot(world, data)), f"policy {name}: fit/recommend modified its inputs"
+    _passed("inputs left unmodified (world, training log)")
     assert slates.shape == (len(users), k), f"policy {name}: slates shape {slates.shape} != {(len(users), k)}"
     assert np.issubdtype(slates.dtype, np.integer), f"policy {name}: slates must be integer item ids"
     assert scores.shape == slates.shape, f"policy {name}: scores shape must match slates"
+    _passed("output shapes and types (slates, scores)")
     assert ((slates >= -1) & (slates < world.items.n)).all(), f"policy {name}: item ids out of range"
+    _passed("item ids in range")
     for row in slates:
         v = row[row >= 0]
         assert len(np.unique(v)) == len(v), f"policy {name}: duplicate items in a slate"
+    _passed("no duplicate items in a slate")
     r, c = hist.pairs(users)
     excluded = set(zip(r.tolist(), c.tolist()))
     shown = {(i, int(it)) for i, row in enumerate(slates) for it in row if it >= 0}
     assert not (shown & excluded), f"policy {name}: recommended excluded (already consumed) items"
+    _passed("consumed items excluded")
     slates2, _ = make().recommend(users, k, world, exclude=hist, step=1)
     assert np.array_equal(slates, slates2), f"policy {name}: not deterministic under a fixed seed"
+    _passed("seeded determinism")
     # online update and checkpoint round-trip
     pos = np.where(slates[:, 0] >= 0, 0, -1)
     fb = Feedback(1, users, slates, pos, np.where(pos >= 0, slates[:, 0], -1), np.zeros(len(users), np.float32))
     pol.update(fb, world)
-    state = pickle.loads(pickle.dumps(pol.state_dict()))
+    state = roundtrip(pol.state_dict())
     clone = make()
     clone.load_state_dict(state)
     a, _ = pol.recommend(users, k, world, exclude=hist, step=2)
     b, _ = clone.recommend(users, k, world, exclude=hist, step=2)
     assert np.array_equal(a, b), f"policy {name}: checkpoint round-trip changed the recommendations"
+    _passed("online update and checkpoint round-trip")
 
 
 def check_choice(name: str, params: dict | None = None, seed: int = 1) -> None:
@@ -135,22 +180,29 @@ def check_choice(name: str, params: dict | None = None, seed: int = 1) -> None:
     u0, v0 = util.copy(), valid.copy()
     out = call(util, valid, users)
     assert np.array_equal(util, u0) and np.array_equal(valid, v0), f"choice {name}: modified its inputs"
+    _passed("inputs left unmodified")
     assert np.array_equal(out, call(util, valid, users)), f"choice {name}: not deterministic"
+    _passed("seeded determinism")
     cut = n // 3  # chunking invariance: the same users in two parts choose the same
     parts = np.concatenate([call(util[:cut], valid[:cut], users[:cut]), call(util[cut:], valid[cut:], users[cut:])])
     assert np.array_equal(out, parts), f"choice {name}: depends on how users are chunked"
+    _passed("chunking invariance")
     pickle.loads(pickle.dumps(model))
+    _passed("picklable")
     if many:
         assert out.shape == (n, k) and out.dtype == bool, f"choice {name}: choose_many must return (n, k) bool"
         assert not (out & ~valid).any(), f"choice {name}: accepted an invalid slot"
+        _passed("accepts only valid slots ((n, k) bool)")
         return
     assert out.shape == (n,) and np.issubdtype(out.dtype, np.integer), f"choice {name}: positions shape/type"
     assert ((out >= -1) & (out < k)).all(), f"choice {name}: positions out of range"
     picked = out >= 0
     assert valid[np.flatnonzero(picked), out[picked]].all(), f"choice {name}: picked an invalid slot"
+    _passed("positions: shape, type, range, valid slots")
     probs = model.probabilities(util, valid)
     if probs is not None:
         assert np.allclose(probs.sum(axis=1), 1.0), f"choice {name}: probabilities do not sum to 1"
+        _passed("probabilities sum to 1")
 
 
 def check_dynamics(name: str, params: dict | None = None, seed: int = 2) -> None:
@@ -169,18 +221,21 @@ def check_dynamics(name: str, params: dict | None = None, seed: int = 2) -> None
         adj = d.adjust(users, slates, util, w)
         assert np.array_equal(util, u0), f"dynamics {name}: adjust modified its input utilities"
         assert adj.shape == util.shape, f"dynamics {name}: adjust changed the shape"
+        _passed("adjust leaves its input unmodified and keeps the shape")
         chosen = np.where(rng.random(w.users.n) < 0.7, slates[:, 0], -1)
         d.update(users, chosen, w, 0)
-        state = pickle.loads(pickle.dumps(d.state_dict()))
+        state = roundtrip(d.state_dict())
         d2 = registry.build("dynamics", cfg)
         d2.init(w)
         d2.load_state_dict(state)
         assert np.allclose(d2.adjust(users, slates, util, w), d.adjust(users, slates, util, w)), \
             f"dynamics {name}: checkpoint round-trip changed the state"
+        _passed("checkpoint round-trip")
         return w.users.prefs.copy(), adj
 
     a, b = run_once(), run_once()
     assert np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1]), f"dynamics {name}: not deterministic"
+    _passed("seeded determinism")
 
 
 def check_population(name: str, params: dict | None = None, seed: int = 4) -> None:
@@ -193,6 +248,7 @@ def check_population(name: str, params: dict | None = None, seed: int = 4) -> No
         for t in range(3):
             act = p.active_users(w, t)
             assert np.all(np.diff(act) > 0), f"population {name}: active ids must be sorted and unique"
+            _passed("active ids sorted and unique")
             p.step(w, t, np.ones(len(act), bool), act)
             out.append(act)
         return out, w.users.n
@@ -200,6 +256,7 @@ def check_population(name: str, params: dict | None = None, seed: int = 4) -> No
     a, b = run_once(), run_once()
     assert a[1] == b[1] and all(np.array_equal(x, y) for x, y in zip(a[0], b[0])), \
         f"population {name}: not deterministic"
+    _passed("seeded determinism")
 
 
 def check_creator(name: str, params: dict | None = None, seed: int = 5) -> None:
@@ -213,11 +270,14 @@ def check_creator(name: str, params: dict | None = None, seed: int = 5) -> None:
         new = c.step(w, 0, users, chosen)
         assert np.issubdtype(np.asarray(new).dtype, np.integer), f"creator {name}: new item ids must be integers"
         assert w.items.n == len(w.items.titles), f"creator {name}: titles out of sync with items"
-        pickle.loads(pickle.dumps(c.state_dict()))
+        _passed("new item ids are integers, one title per item")
+        roundtrip(c.state_dict())
+        _passed("checkpoint round-trip (state_dict)")
         return w.items.n, (w.creators.profiles.copy() if w.creators is not None else None)
 
     a, b = run_once(), run_once()
     assert a[0] == b[0] and (a[1] is None or np.array_equal(a[1], b[1])), f"creator {name}: not deterministic"
+    _passed("seeded determinism")
 
 
 def check_world(name: str, params: dict | None = None, seed: int = 6) -> None:
@@ -227,11 +287,16 @@ def check_world(name: str, params: dict | None = None, seed: int = 6) -> None:
     w2 = registry.build("world", cfg).build(component_rng(seed, "world"))
     assert np.array_equal(w1.users.prefs, w2.users.prefs), f"world {name}: not deterministic"
     assert np.array_equal(w1.items.attrs, w2.items.attrs), f"world {name}: not deterministic"
+    _passed("seeded determinism")
     assert w1.users.prefs.dtype == np.float32 and w1.items.attrs.dtype == np.float32, f"world {name}: use float32"
+    _passed("float32 arrays")
     assert w1.users.dim == w1.items.dim, f"world {name}: users and items must share the latent dimension"
+    _passed("shared latent dimension")
     assert len(w1.items.titles) == w1.items.n, f"world {name}: one title per item"
+    _passed("one title per item")
     g = w1.items.genres[: w1.items.n]
     assert np.allclose(g.sum(axis=1), 1.0, atol=1e-4), f"world {name}: genre rows must sum to 1"
+    _passed("genre rows sum to 1")
 
 
 def check_reranker(name: str, params: dict | None = None, seed: int = 7) -> None:
@@ -256,13 +321,17 @@ def check_reranker(name: str, params: dict | None = None, seed: int = 7) -> None
     hist = _history(data)
     out = make().rerank(users, cand, scores, k, world, step=0, history=hist)
     assert np.array_equal(cand, c0) and np.array_equal(scores, s0), f"reranker {name}: modified its inputs"
+    _passed("inputs left unmodified")
     assert out.shape == (n, k), f"reranker {name}: output shape {out.shape} != {(n, k)}"
+    _passed("output shape")
     for i in range(n):
         v = out[i][out[i] >= 0]
         assert set(v.tolist()) <= set(cand[i][cand[i] >= 0].tolist()), f"reranker {name}: item not a candidate"
         assert len(np.unique(v)) == len(v), f"reranker {name}: duplicate items"
+    _passed("only candidates, no duplicates")
     out2 = make().rerank(users, cand, scores, k, world, step=0, history=hist)
     assert np.array_equal(out, out2), f"reranker {name}: not deterministic"
+    _passed("seeded determinism")
 
 
 def check_metric(name: str, params: dict | None = None, seed: int = 8) -> None:
@@ -290,11 +359,14 @@ def check_metric(name: str, params: dict | None = None, seed: int = 8) -> None:
         assert isinstance(value, float), f"metric {name}: values must be floats"
         assert metric in documented, f"metric {name}: '{metric}' is not documented in METRICS"
         assert metric == metric.lower() and " " not in metric, f"metric {name}: '{metric}' must be snake_case"
+    _passed("rows well-formed and documented in METRICS")
     _, rows2 = run_once()
     assert [(a, b) for a, b, _ in rows] == [(a, b) for a, b, _ in rows2], f"metric {name}: rows differ between runs"
     same = np.allclose([v for *_, v in rows], [v for *_, v in rows2], equal_nan=True)
     assert same, f"metric {name}: not deterministic"
-    pickle.loads(pickle.dumps(m.metrics.state_dict()))
+    _passed("seeded determinism")
+    roundtrip(m.metrics.state_dict())
+    _passed("checkpoint round-trip (state_dict)")
 
 
 CHECKS = {
@@ -309,8 +381,15 @@ CHECKS = {
 }
 
 
-def check_component(kind: str, name: str, params: dict | None = None) -> None:
-    """Run the conformance checks for one registered component (raises AssertionError on failure)."""
+def check_component(kind: str, name: str, params: dict | None = None) -> ConformanceReport:
+    """Run the conformance checks for one registered component; returns the report of the checks it
+    passed (``print(report)`` lists them) and raises AssertionError on the first failure."""
     if kind not in CHECKS:
         raise ValueError(f"no conformance checks for kind {kind!r}; kinds: {', '.join(CHECKS)}")
-    CHECKS[kind](name, params)
+    report = ConformanceReport(kind, name)
+    token = _REPORT.set(report)
+    try:
+        CHECKS[kind](name, params)
+    finally:
+        _REPORT.reset(token)
+    return report

@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import Field
 
+from recloop.limits import MAX_ITEMS
 from recloop.registry import Params, register
 
 from .base import Policy, PolicyContext, TrainingData
@@ -94,7 +95,7 @@ class ItemKNN(Policy):
     """Item-based KNN on the binary interaction matrix: cosine similarity, top-K neighbours (E-IKNN)."""
 
     class Params(Params):
-        neighbors: int = Field(50, ge=1, description="neighbours K kept per item")
+        neighbors: int = Field(50, ge=1, le=MAX_ITEMS, description="neighbours K kept per item")
         shrink: float = Field(0.0, ge=0.0, description="shrinkage added to the cosine denominator")
 
     def __init__(self, params: Params | None = None, *, context: PolicyContext | None = None, **kw: Any):

@@ -27,6 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import Field
 
+from recloop.limits import MAX_DIM, MAX_ITERATIONS, MAX_SAMPLE, MAX_THREADS
 from recloop.registry import Params, register
 
 from .base import Policy, PolicyContext, TrainingData
@@ -172,13 +173,24 @@ class _FactorPolicy(Policy):
                 "item_bias": cp(self.item_bias), "n_fits": int(self.n_fits)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the factors; ValueError for a state that is not this policy's (a foreign checkpoint)."""
         def cp(a):
             return None if a is None else np.ascontiguousarray(np.array(a, copy=True), dtype=np.float32)
 
-        self.user_factors = cp(state.get("user_factors"))
-        self.item_factors = cp(state.get("item_factors"))
-        self.item_bias = cp(state.get("item_bias"))
-        self.n_fits = int(state.get("n_fits", 0))
+        missing = {"user_factors", "item_factors", "item_bias", "n_fits"} - set(state)
+        if missing:
+            raise ValueError(f"the {type(self).__name__} state lacks {', '.join(sorted(missing))}")
+        U, V, b = cp(state["user_factors"]), cp(state["item_factors"]), cp(state["item_bias"])
+        width = self._blank_user().shape[0]
+        if (U is None) != (V is None) or (U is not None and (U.ndim != 2 or V.ndim != 2 or U.shape[1] != width
+                                                            or V.shape[1] != width)):
+            shapes = [None if a is None else a.shape for a in (U, V)]
+            raise ValueError(f"the {type(self).__name__} factors have shapes {shapes}; this policy needs "
+                             f"(users, {width}) and (items, {width})")
+        if b is not None and (b.ndim != 1 or V is None or b.shape[0] != V.shape[0]):
+            raise ValueError(f"the item bias has shape {b.shape}; this policy needs one value per item")
+        self.user_factors, self.item_factors, self.item_bias = U, V, b
+        self.n_fits = int(state["n_fits"])
         self._cache = None
 
 
@@ -193,15 +205,16 @@ class ALS(_FactorPolicy):
     """
 
     class Params(Params):
-        factors: int = Field(32, ge=1)
+        factors: int = Field(32, ge=1, le=MAX_DIM)
         regularization: float = Field(0.1, ge=0.0, description="λ (not scaled by counts)")
         alpha: float = Field(10.0, ge=0.0, description="confidence c_ui = 1 + alpha * r_ui")
-        iterations: int = Field(15, ge=0, description="ALS sweeps for a cold fit")
-        warm_iterations: int = Field(3, ge=0, description="ALS sweeps when warm-starting")
+        iterations: int = Field(15, ge=0, le=MAX_ITERATIONS, description="ALS sweeps for a cold fit")
+        warm_iterations: int = Field(3, ge=0, le=MAX_ITERATIONS, description="ALS sweeps when warm-starting")
         binary: bool = Field(False, description="r_ui = 1[interacted] instead of interaction counts")
         solver: Literal["cg", "cholesky", "numpy"] = "cg"
         cold_user: Literal["mean", "zero"] = "mean"
-        num_threads: int = Field(1, ge=0, description="implicit threads (1 = deterministic, 0 = all cores)")
+        num_threads: int = Field(
+            1, ge=0, le=MAX_THREADS, description="implicit threads (1 = deterministic, 0 = all cores)")
 
     def confidence(self, data: TrainingData, shape: tuple[int, int] | None = None) -> sp.csr_matrix:
         """The users x items matrix of confidences c_ui = 1 + α·r_ui on the logged pairs."""
@@ -256,14 +269,15 @@ class BPR(_FactorPolicy):
     """
 
     class Params(Params):
-        factors: int = Field(32, ge=1)
+        factors: int = Field(32, ge=1, le=MAX_DIM)
         learning_rate: float = Field(0.05, gt=0.0)
         regularization: float = Field(0.01, ge=0.0)
-        iterations: int = Field(15, ge=0, description="epochs (nnz samples each) for a cold fit")
-        warm_iterations: int = Field(5, ge=0, description="epochs when warm-starting")
+        iterations: int = Field(15, ge=0, le=MAX_ITERATIONS, description="epochs (nnz samples each) for a cold fit")
+        warm_iterations: int = Field(5, ge=0, le=MAX_ITERATIONS, description="epochs when warm-starting")
         verify_negative_samples: bool = True
         cold_user: Literal["mean", "zero"] = "mean"
-        num_threads: int = Field(1, ge=0, description="implicit threads (1 = deterministic; >1 is Hogwild)")
+        num_threads: int = Field(
+            1, ge=0, le=MAX_THREADS, description="implicit threads (1 = deterministic; >1 is Hogwild)")
 
     def _blank_user(self) -> np.ndarray:
         row = np.zeros(self.dim + 1, np.float32)
@@ -333,13 +347,13 @@ class RelMF(_FactorPolicy):
     """
 
     class Params(Params):
-        factors: int = Field(32, ge=1)
+        factors: int = Field(32, ge=1, le=MAX_DIM)
         learning_rate: float = Field(0.02, gt=0.0, description="Adam step size")
         regularization: float = Field(1e-4, ge=0.0, description="L2 per sampled pair")
-        iterations: int = Field(10, ge=0, description="epochs for a cold fit")
-        warm_iterations: int = Field(3, ge=0)
-        neg_ratio: int = Field(3, ge=0, description="uniform (u, i) pairs per logged pair and epoch")
-        batch_size: int = Field(16384, ge=1)
+        iterations: int = Field(10, ge=0, le=MAX_ITERATIONS, description="epochs for a cold fit")
+        warm_iterations: int = Field(3, ge=0, le=MAX_ITERATIONS)
+        neg_ratio: int = Field(3, ge=0, le=MAX_ITERATIONS, description="uniform (u, i) pairs per logged pair and epoch")
+        batch_size: int = Field(16384, ge=1, le=MAX_SAMPLE)
         eta: float = Field(0.5, ge=0.0, description="propensity exponent η")
         clip: float = Field(0.1, gt=0.0, le=1.0, description="lower clip of θ̂")
         init_scale: float = Field(0.1, gt=0.0)

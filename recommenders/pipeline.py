@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from recloop import registry
+from recloop.limits import MAX_ITEMS
 from recloop.recommenders.base import Policy, PolicyContext
 from recloop.registry import Params, register
 
@@ -49,7 +50,7 @@ class Pipeline(Policy):
 
     class Params(Params):
         retrieval: dict = Field(description="a policy producing candidates ({type: ..., ...})")
-        candidates: int = Field(100, gt=0, description="candidates kept per user after retrieval")
+        candidates: int = Field(100, gt=0, le=MAX_ITEMS, description="candidates kept per user after retrieval")
         ranker: dict | None = Field(None, description="a policy that rescores the candidates")
         reranker: dict | None = Field(None, description="a re-ranker ({type: mmr|calibrated|fair|...})")
 

@@ -16,9 +16,15 @@ Backends (``engine.backend``):
 * ``cupy``: product and top-k on the GPU (imported lazily; never required);
 * ``auto``: cupy / torch-CUDA when a GPU is present, else numba, else numpy.
 
-The chunk size is ``chunk_rows`` when given, else ``chunk_mib`` of float32 scores (L3-friendly: the
-block is written by the product and read back by the top-k while still in cache), capped so the
-workers' chunks never take more than an eighth of the memory that is free (psutil).
+Determinism: every product (and every call of a policy's scoring function) covers exactly one
+**canonical tile** of :data:`TILE_ROWS` users (``GPU_TILE_ROWS`` on a GPU), aligned to the start of the
+user list; the last tile is padded. A user's scores therefore come from the same BLAS call shape at the
+same row position whatever the chunk size or worker count, so results are bit-identical on one machine
+without relying on BLAS rounding a row the same way for every block shape. Products run with BLAS on
+one thread (the engine's own workers give the parallelism), and ``on_chunk`` callbacks get canonical
+batches of :data:`CALLBACK_ROWS` users. The chunk size (users per score block) is ``chunk_rows`` when
+given, else ``chunk_mib`` of float32 scores (L3-friendly), rounded up to a whole number of tiles; it
+sets memory and scheduling, never results, and nothing depends on the free memory.
 
 On the factor path the chunks run on a pool of worker threads, one per core (``RECLOOP_ENGINE_WORKERS``
 overrides), with BLAS pinned to one thread per worker: on this project's 2-core machines two
@@ -31,6 +37,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +47,33 @@ from typing import ClassVar
 import numpy as np
 
 NEG_INF = np.float32(-np.inf)
-#: callbacks (``on_chunk``) get at least this many users at a time, whatever the score-chunk size
+#: callbacks (``on_chunk``) get the users in canonical batches of this many (the last one shorter),
+#: whatever the score-chunk size: per-batch computations (choice, re-rankers) see the same shapes
 CALLBACK_ROWS = 4096
+#: users per canonical score tile on CPU backends (a BLAS call always has exactly this many rows)
+TILE_ROWS = 128
+#: users per canonical score tile on GPU backends (bigger products keep the device busy)
+GPU_TILE_ROWS = 4096
+
+
+def tile_bounds(n: int, tile: int) -> list[tuple[int, int]]:
+    """Canonical tiles ``[(lo, hi), ...]`` of ``n`` rows (aligned to 0; the last may be short)."""
+    return [(lo, min(lo + tile, n)) for lo in range(0, n, tile)]
+
+
+def tiled_rows(fn: Callable[[np.ndarray], np.ndarray], X: np.ndarray, tile: int, out: np.ndarray) -> np.ndarray:
+    """``out[r] = fn(X[tile rows])[r]`` evaluated one canonical tile at a time.
+
+    Every call of ``fn`` gets exactly ``tile`` rows (a short last tile is padded by repeating its last
+    row), so a row's result never depends on how many rows the caller passed at once."""
+    n = len(X)
+    for lo, hi in tile_bounds(n, tile):
+        if hi - lo == tile:
+            out[lo:hi] = fn(X[lo:hi])
+        else:
+            pad = np.concatenate([X[lo:hi], np.repeat(X[hi - 1:hi], tile - (hi - lo), axis=0)])
+            out[lo:hi] = fn(pad)[: hi - lo]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +178,7 @@ class Backend:
     device: str = "cpu"
     gpu: bool = False
     workers: int = 1  # set by the engine: threads for row-parallel kernels
+    tile_rows: int = TILE_ROWS  # canonical rows per product (see the module docstring)
 
     # -- generic (host) score blocks ---------------------------------------------------------
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -176,12 +209,23 @@ class Backend:
         b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         return VT, b
 
-    def score_topk(self, prep, U: np.ndarray, k: int, excl, buf: np.ndarray, serial: bool = False, hint=None):
+    def product(self, prep, U: np.ndarray, S: np.ndarray) -> np.ndarray:
+        """``S = U @ VT (+ b)`` one canonical tile at a time (identical rows whatever len(U))."""
         VT, b = prep
-        S = buf[: U.shape[0]]
-        self.matmul(U, VT, out=S)
+        T = self.tile_rows
+        for lo, hi in tile_bounds(U.shape[0], T):
+            if hi - lo == T:
+                self.matmul(U[lo:hi], VT, out=S[lo:hi])
+            else:
+                pad = np.zeros((T, U.shape[1]), np.float32)
+                pad[: hi - lo] = U[lo:hi]
+                S[lo:hi] = self.matmul(pad, VT)[: hi - lo]
         if b is not None:
             S += b
+        return S
+
+    def score_topk(self, prep, U: np.ndarray, k: int, excl, buf: np.ndarray, serial: bool = False, hint=None):
+        S = self.product(prep, U, buf[: U.shape[0]])
         return self.topk(S, k, excl, serial, hint)
 
     def free_bytes(self) -> int | None:
@@ -236,6 +280,8 @@ class TorchBackend(Backend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__("torch", device=device, gpu=device.startswith("cuda"))
         self.poolable = False  # torch has its own intra-op threads
+        if self.gpu:
+            self.tile_rows = GPU_TILE_ROWS
 
     def _topk_tensor(self, S, k: int):
         torch = self.torch
@@ -286,11 +332,14 @@ class TorchBackend(Backend):
         torch = self.torch
         VT, b = prep
         Ut = torch.from_numpy(U).to(self.device)
-        if self.gpu:
-            S = Ut @ VT
-        else:
-            S = torch.from_numpy(buf[: U.shape[0]])
-            torch.matmul(Ut, VT, out=S)
+        n, T = U.shape[0], self.tile_rows
+        S = torch.empty((n, VT.shape[1]), dtype=torch.float32, device=self.device) if self.gpu \
+            else torch.from_numpy(buf[:n])
+        for lo, hi in tile_bounds(n, T):  # canonical tiles: a row's scores never depend on the chunk
+            blk = Ut[lo:hi]
+            if hi - lo < T:
+                blk = torch.cat([blk, blk.new_zeros((T - (hi - lo), blk.shape[1]))])
+            S[lo:hi] = (blk @ VT)[: hi - lo]
         if b is not None:
             S += b
         self._mask(S, excl)
@@ -311,6 +360,7 @@ class CupyBackend(Backend):
         self.xp = xp
         super().__init__("cupy", device="cuda", gpu=xp is not np)
         self.poolable = False
+        self.tile_rows = GPU_TILE_ROWS if self.gpu else TILE_ROWS
 
     def topk(self, S, k, excl=None, serial=False, hint=None):
         xp = self.xp
@@ -333,7 +383,14 @@ class CupyBackend(Backend):
     def score_topk(self, prep, U, k, excl, buf, serial=False, hint=None):
         xp = self.xp
         VT, b = prep
-        S = xp.asarray(U) @ VT
+        Ud = xp.asarray(U)
+        n, T = U.shape[0], self.tile_rows
+        S = xp.empty((n, VT.shape[1]), dtype=xp.float32)
+        for lo, hi in tile_bounds(n, T):  # canonical tiles: a row's scores never depend on the chunk
+            blk = Ud[lo:hi]
+            if hi - lo < T:
+                blk = xp.concatenate([blk, xp.zeros((T - (hi - lo), blk.shape[1]), dtype=blk.dtype)])
+            S[lo:hi] = (blk @ VT)[: hi - lo]
         if b is not None:
             S += b
         return self._topk_dev(S, k, excl)
@@ -431,15 +488,6 @@ def make_backend(name: str = "auto") -> Backend:
     raise ValueError(f"unknown backend {name!r}; available: {available_backends()}")
 
 
-def _available_memory() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:
-        return None
-
-
 def default_workers() -> int:
     """Worker threads for chunked scoring: ``RECLOOP_ENGINE_WORKERS``, else the usable cores (max 16)."""
     env = os.environ.get("RECLOOP_ENGINE_WORKERS")
@@ -450,6 +498,28 @@ def default_workers() -> int:
     except AttributeError:  # pragma: no cover - not Linux
         n = os.cpu_count() or 1
     return max(1, min(n, 16))
+
+
+def apply_thread_budget(threads: int) -> None:
+    """Fix the process's thread budget (``engine.threads``): BLAS outside the engine's products (which
+    always run on one BLAS thread per worker), Numba's parallel layer and torch's intra-op threads.
+
+    Results do not depend on it (tested); it only keeps a run from oversubscribing the machine."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads, user_api="blas")
+    except Exception:  # threadpoolctl missing or no BLAS found: run as is
+        pass
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except Exception:
+        pass
+    torch = sys.modules.get("torch")  # only when already imported: never import torch for this
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 _POOL: dict[str, object] = {"pid": None, "pool": None, "size": 0, "blas": None}
@@ -532,26 +602,39 @@ class ScoringEngine:
         self.chunk_mib = chunk_mib
         self.workers = default_workers() if workers is None else max(1, int(workers))
         self.backend.workers = self.workers
+        apply_thread_budget(self.workers)
         #: warm start: each user's previous slate (per kind of call) seeds a lower bound for the next
         #: top-k (exact: the bound is recomputed from the current scores); turned off, results are equal
         self.warm_start = True
         self._prev: dict[tuple, np.ndarray] = {}
+        self._bufs: dict[int, np.ndarray] = {}  # per-thread score blocks (see _buffer)
+
+    def _buffer(self, rows: int, n_items: int) -> np.ndarray:
+        """This thread's score block, reused from call to call (with headroom for a growing catalog):
+        a fresh block per cycle made glibc keep freed blocks around, a step in RSS that never went."""
+        need = rows * n_items
+        me = threading.get_ident()
+        buf = self._bufs.get(me)
+        if buf is None or buf.size < need:
+            buf = self._bufs[me] = np.empty(need + need // 4, np.float32)
+        return buf[:need].reshape(rows, n_items)
+
+    def buffer_bytes(self) -> int:
+        """Bytes held in reusable score blocks (one per thread that scored; bounded by the chunk)."""
+        return sum(b.nbytes for b in list(self._bufs.values()))
 
     def rows_per_chunk(self, n_items: int) -> int:
-        """Users per score block: ``chunk_rows``, else ``chunk_mib`` of float32, memory-capped."""
+        """Users per score block: ``chunk_rows``, else ``chunk_mib`` of float32, rounded up to whole
+        canonical tiles (the chunk size sets memory and scheduling, never results)."""
+        T = self.backend.tile_rows
         if self.chunk_rows:
-            return int(self.chunk_rows)
-        row_bytes = 4 * max(n_items, 1)
-        mib = self.chunk_mib
-        if self.backend.gpu and mib == 16.0:
-            mib = self.GPU_CHUNK_MIB
-        rows = max(1, int(mib * 2**20 // row_bytes))
-        free = self.backend.free_bytes() if self.backend.gpu else _available_memory()
-        if free:
-            # every worker holds one score block plus small per-row extras; keep them under free/8
-            per = max(1, self.workers if not self.backend.gpu else 1)
-            rows = min(rows, max(1, int(free // 8 // per // (row_bytes + 256))))
-        return rows
+            rows = int(self.chunk_rows)
+        else:
+            mib = self.chunk_mib
+            if self.backend.gpu and mib == 16.0:
+                mib = self.GPU_CHUNK_MIB
+            rows = max(1, int(mib * 2**20 // (4 * max(n_items, 1))))
+        return -(-rows // T) * T
 
     def chunks(self, n: int, n_items: int) -> Iterator[slice]:
         step = self.rows_per_chunk(n_items)
@@ -587,19 +670,23 @@ class ScoringEngine:
         users = np.asarray(users, dtype=np.int64)
         n = len(users)
         kk = min(k, n_items)
-        key = None if key is None or not self.backend.uses_hints else (*key, kk, n_items)
+        # not keyed by n_items: a growing catalog would leave one (users x k) table behind per cycle;
+        # hints from a smaller catalog stay valid (the kernel skips ids >= n_items; results are exact)
+        key = None if key is None or not self.backend.uses_hints else (*key, kk)
         out_i = np.full((n, k), -1, dtype=np.int64)
         out_s = np.full((n, k), NEG_INF, dtype=np.float32)
         step = self.rows_per_chunk(n_items)
         bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
-        cb_every = max(step, CALLBACK_ROWS) // step * step
         state = {"cb_lo": 0}
 
         def callback(hi):
-            if on_chunk is not None and (hi - state["cb_lo"] >= cb_every or hi == n):
-                sl = slice(state["cb_lo"], hi)
+            """Hand finished users to ``on_chunk`` in canonical batches [j*CALLBACK_ROWS, ...)."""
+            if on_chunk is None:
+                return
+            while state["cb_lo"] < hi and (hi - state["cb_lo"] >= CALLBACK_ROWS or hi == n):
+                sl = slice(state["cb_lo"], min(state["cb_lo"] + CALLBACK_ROWS, hi))
                 on_chunk(sl, out_i[sl], out_s[sl])
-                state["cb_lo"] = hi
+                state["cb_lo"] = sl.stop
 
         def do_chunk(lo, hi, buf, serial):
             ids = users[lo:hi]
@@ -611,9 +698,10 @@ class ScoringEngine:
 
         n_workers = min(self.workers, len(bounds))
         if not (pooled and self.backend.poolable and n_workers > 1):
-            buf = None if self.backend.gpu else np.empty((min(step, max(n, 1)), n_items), np.float32)
+            buf = None if self.backend.gpu else self._buffer(min(step, max(n, 1)), n_items)
             for lo, hi in bounds:
-                do_chunk(lo, hi, buf, False)
+                with _BlasOneThread():  # products on one BLAS thread: results never depend on the core count
+                    do_chunk(lo, hi, buf, False)
                 callback(hi)
             if key is not None:
                 self._remember(key, users, out_i, kk)
@@ -624,7 +712,7 @@ class ScoringEngine:
         counter = itertools.count()
 
         def worker():
-            buf = np.empty((min(step, n), n_items), np.float32)
+            buf = self._buffer(min(step, n), n_items)
             while not errors:
                 i = next(counter)  # dynamic scheduling: a slowed worker simply takes fewer chunks
                 if i >= len(bounds):
@@ -674,10 +762,16 @@ class ScoringEngine:
         streaming metrics. Policies' scoring functions run on the calling thread.
         """
 
+        def scores(ids):
+            S = np.asarray(score_chunk(ids))
+            if S.shape != (len(ids), n_items):
+                raise ValueError(f"a policy's score function returned shape {S.shape} for {len(ids)} users "
+                                 f"and {n_items} items; expected ({len(ids)}, {n_items})")
+            return S
+
         def chunk_fn(ids, kk, excl, buf, serial, hint):
-            S = score_chunk(ids)
-            if S.dtype != np.float32:
-                S = S.astype(np.float32)
+            S = buf[: len(ids)] if buf is not None else np.empty((len(ids), n_items), np.float32)
+            tiled_rows(scores, ids, self.backend.tile_rows, S)  # canonical tiles, whatever the chunk
             return self.backend.topk(S, kk, excl, serial, hint)
 
         return self._run(users, k, n_items, chunk_fn, exclude, on_chunk, key=("scores",))

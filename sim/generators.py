@@ -36,6 +36,7 @@ import scipy.sparse as sp
 from pydantic import Field
 
 from recloop.errors import RecloopInputError
+from recloop.limits import MAX_CLUSTERS, MAX_CREATORS, MAX_DIM, MAX_ITEMS, MAX_USERS, Seed
 from recloop.recommenders.base import TrainingData
 from recloop.registry import Params, register
 from recloop.sim.state import Creators, Items, Users, World
@@ -45,6 +46,10 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+UserCount = Annotated[int, Field(gt=0, le=MAX_USERS)]
+ItemCount = Annotated[int, Field(gt=0, le=MAX_ITEMS)]
+Dim = Annotated[int, Field(gt=0, le=MAX_DIM)]
+CreatorCount = Annotated[int, Field(ge=0, le=MAX_CREATORS)]
 
 #: Readable genre names for synthetic worlds (genre g gets name g; beyond the list, "Genre g").
 SYNTHETIC_GENRES = (
@@ -183,10 +188,10 @@ class ChaneyWorld(WorldGenerator):
     """
 
     class Params(Params):
-        n_users: PositiveInt = Field(1000, description="number of users")
-        n_items: PositiveInt = Field(500, description="number of initial items")
-        dim: PositiveInt = Field(20, description="number of latent attributes d (also the genres)")
-        n_creators: NonNegInt = Field(50, description="content creators (0: items have no creator)")
+        n_users: UserCount = Field(1000, description="number of users")
+        n_items: ItemCount = Field(500, description="number of initial items")
+        dim: Dim = Field(20, description="number of latent attributes d (also the genres)")
+        n_creators: CreatorCount = Field(50, description="content creators (0: items have no creator)")
         protected_share: Probability = Field(0.2, description="share of creators/items in group 1")
         zeta_user_scale: PositiveFloat = Field(10.0, description="ζ_U = scale·Dir(conc·1)")
         zeta_user_conc: PositiveFloat = Field(1.0, description="concentration of the ζ_U draw")
@@ -249,12 +254,13 @@ class GaussianClustersWorld(WorldGenerator):
     """
 
     class Params(Params):
-        n_users: PositiveInt = Field(1000, description="number of users")
-        n_items: PositiveInt = Field(500, description="number of initial items")
-        dim: PositiveInt = Field(16, description="latent dimension")
-        n_clusters: PositiveInt = Field(8, description="number of taste clusters (also the genres)")
+        n_users: UserCount = Field(1000, description="number of users")
+        n_items: ItemCount = Field(500, description="number of initial items")
+        dim: Dim = Field(16, description="latent dimension")
+        n_clusters: Annotated[int, Field(gt=0, le=MAX_CLUSTERS)] = Field(
+            8, description="number of taste clusters (also the genres)")
         spread: Annotated[float, Field(ge=0.0)] = Field(0.5, description="noise norm around a centre")
-        n_creators: NonNegInt = Field(50, description="content creators (0: items have no creator)")
+        n_creators: CreatorCount = Field(50, description="content creators (0: items have no creator)")
         protected_share: Probability = Field(0.2, description="share of creators/items in group 1")
         genre_temperature: PositiveFloat = Field(0.1, description="softmax temperature of the genre mix")
 
@@ -433,7 +439,7 @@ def fit_ratings(table: RatingsTable, p: _FitParams) -> _Fitted:
     for key, want, have in (("n_users", p.n_users, n_u_all), ("n_items", p.n_items, n_i_all)):
         if want is not None and want > have:
             raise RecloopInputError(
-                f"{key}={want} but {where} has only {have}; use at most {have} or leave it unset.", key=key
+                f"{key}={want} but {where} has only {have}; use at most {have} or leave it unset.", key=f"world.{key}"
             )
     # keep the most active users and the most-rated items (ties: lower original position)
     keep_u = np.sort(np.lexsort((np.arange(n_u_all), -np.bincount(table.user, minlength=n_u_all)))[
@@ -461,12 +467,12 @@ def fit_ratings(table: RatingsTable, p: _FitParams) -> _Fitted:
             f"{where} has no positive interactions"
             + (f" with rating >= {p.min_rating}" if table.rating is not None else "")
             + " among the kept users and items; lower min_rating or keep more users/items.",
-            key="min_rating" if table.rating is not None else None,
+            key="world.min_rating" if table.rating is not None else "world",
         )
     if p.dim >= min(n_u, n_i):
         raise RecloopInputError(
             f"dim={p.dim} must be smaller than the number of users ({n_u}) and items ({n_i}) of {where}.",
-            key="dim",
+            key="world.dim",
         )
     # initial organic log: each user's first ceil(initial_fraction * n_u) positives by time
     order = np.lexsort((i, ts, u))
@@ -681,16 +687,16 @@ class _DataSetWorld(WorldGenerator):
 
 
 class _FitParams(Params):
-    dim: PositiveInt = Field(32, description="latent dimension of the fitted truth")
-    n_users: PositiveInt | None = Field(None, description="keep the most active users (None: all)")
-    n_items: PositiveInt | None = Field(None, description="keep the most-rated items (None: all)")
+    dim: Dim = Field(32, description="latent dimension of the fitted truth")
+    n_users: UserCount | None = Field(None, description="keep the most active users (None: all)")
+    n_items: ItemCount | None = Field(None, description="keep the most-rated items (None: all)")
     min_rating: float = Field(4.0, description="ratings >= this are positives")
     fit: Literal["svd", "als"] = Field("svd", description="PureSVD (scipy svds) or implicit ALS")
-    fit_seed: int = Field(0, description="seed of the fit (the world does not depend on the run seed)")
+    fit_seed: Seed = Field(0, description="seed of the fit (the world does not depend on the run seed)")
     initial_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         1.0, description="share of each user's positives, by time, in the initial organic log"
     )
-    n_creators: NonNegInt = Field(0, description="derive creators by clustering item factors (0: none)")
+    n_creators: CreatorCount = Field(0, description="derive creators by clustering item factors (0: none)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -830,7 +836,7 @@ def _load_csv(
         if col is not None and col not in df.columns:
             raise RecloopInputError(
                 f"no column '{col}' (set by {key}); the file's columns are {', '.join(df.columns)}.",
-                file=path, key=key,
+                file=path, key=f"world.{key}",
             )
     df = df.filter(pl.col(user_col).is_not_null() & pl.col(item_col).is_not_null())
     if df.height == 0:
@@ -842,7 +848,7 @@ def _load_csv(
         try:
             return df[col].str.strip_chars().cast(pl.Float64).fill_null(np.nan).to_numpy()
         except Exception as exc:  # noqa: BLE001 - a non-numeric cell
-            raise RecloopInputError(f"column '{col}' must hold numbers.", file=path, key=key) from exc
+            raise RecloopInputError(f"column '{col}' must hold numbers.", file=path, key=f"world.{key}") from exc
 
     rating = numeric(rating_col, "rating_col") if rating_col else None
     ts = numeric(timestamp_col, "timestamp_col") if timestamp_col else np.arange(df.height, dtype=np.float64)
@@ -894,7 +900,7 @@ class InteractionsCSVWorld(_DataSetWorld):
         path = os.path.abspath(os.path.expanduser(p.path))
         if not os.path.isfile(path):
             raise RecloopInputError(
-                f"the interactions file {path} does not exist; give an existing CSV/TSV file.", key="path"
+                f"the interactions file {path} does not exist; give an existing CSV/TSV file.", key="world.path"
             )
         return _load_csv(path, os.path.getmtime(path), p.sep, p.user_col, p.item_col, p.rating_col,
                          p.timestamp_col, p.title_col, p.genre_col, p.genre_sep)

@@ -35,6 +35,19 @@ class InteractionLog:
         if self.mode == "window":
             self.chunks = [c for c in self.chunks if c[0] > step - self.window]
 
+    def state_dict(self) -> dict:
+        """The log as arrays (chunks concatenated, with their steps and lengths), for a checkpoint."""
+        return {"mode": self.mode, "window": int(self.window), "counts": self.counts,
+                "initial": _pack(self.initial), "chunks": _pack(self.chunks)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> InteractionLog:
+        log = cls(state["mode"], int(state["window"]))
+        log.counts = state["counts"].copy()
+        log.initial = _unpack(state["initial"])
+        log.chunks = _unpack(state["chunks"])
+        return log
+
     def training_data(self, n_users: int, n_items: int) -> TrainingData:
         parts = self.initial + self.chunks
         if not parts:
@@ -56,3 +69,19 @@ class InteractionLog:
             return np.zeros(3)
         c = np.bincount(np.concatenate([p[3] for p in parts]), minlength=3)[:3].astype(float)
         return c / max(c.sum(), 1.0)
+
+
+def _pack(chunks: list[tuple]) -> dict[str, np.ndarray]:
+    """(step, users, items, provenance) chunks as five arrays: few npz entries however long the run."""
+    def cat(j: int, dtype) -> np.ndarray:
+        return np.concatenate([c[j] for c in chunks]) if chunks else np.zeros(0, dtype)
+
+    return {"steps": np.array([c[0] for c in chunks], np.int64),
+            "lengths": np.array([len(c[1]) for c in chunks], np.int64),
+            "users": cat(1, np.int64), "items": cat(2, np.int64), "provenance": cat(3, np.int8)}
+
+
+def _unpack(packed: dict[str, np.ndarray]) -> list[tuple]:
+    cuts = np.cumsum(packed["lengths"])[:-1]
+    cols = [np.split(packed[name], cuts) if len(packed["lengths"]) else [] for name in ("users", "items", "provenance")]
+    return [(int(s), u, i, p) for s, u, i, p in zip(packed["steps"].tolist(), *cols)]

@@ -18,10 +18,11 @@ import numpy as np
 from recloop import registry
 from recloop.errors import RecloopInputError
 from recloop.recommenders.base import PROVENANCE, Feedback, PolicyContext
+from recloop.sim.checkpoint import CheckpointError
 from recloop.sim.engine import ScoringEngine
 from recloop.sim.log import InteractionLog
 from recloop.sim.rng import component_rng, derive_key, hash_u64, hash_uniform
-from recloop.sim.state import History
+from recloop.sim.state import History, World
 
 
 class PlatformAgent(mesa.Agent):
@@ -60,7 +61,8 @@ class FeedbackLoop(mesa.Model):
                 f"k={sc.k} is larger than the catalog ({n_items} items). Set 'k' to at most {n_items} or "
                 "enlarge the world's n_items.", file=scenario_file, key="k")
         eng = sc.engine
-        self.engine = ScoringEngine(eng.backend, chunk_rows=eng.chunk_rows, chunk_mib=eng.chunk_mib)
+        self.engine = ScoringEngine(eng.backend, chunk_rows=eng.chunk_rows, chunk_mib=eng.chunk_mib,
+                                    workers=eng.threads)
         ctx = PolicyContext(seed=self.seed, name=policy_name, engine=self.engine, dim=self.world.items.dim,
                             extra={"scenario": sc, "run_dir": run_dir, "generator": self.generator,
                                    "world": self.world, "model": self})
@@ -247,18 +249,20 @@ class FeedbackLoop(mesa.Model):
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state(self) -> dict:
+        """Everything a resume needs, as plain values and arrays (see :mod:`recloop.sim.checkpoint`).
+        The arrays are the live ones: write or copy the state before the next step."""
         return {
-            "t": self.t,
-            "world": self.world,
-            "history": self.history,
-            "log": self.log,
+            "t": int(self.t),
+            "world": self.world.state_dict(),
+            "history": self.history.state_dict(),
+            "log": self.log.state_dict(),
             "popularity": self.popularity,
             "policy": self.policy.state_dict(),
             "dynamics": [d.state_dict() for d in self.dynamics],
             "population": self.population.state_dict(),
             "creators": self.creators.state_dict() if self.creators else None,
             "metrics": self.metrics.state_dict(),
-            "timings": dict(self.timings),
+            "timings": {k: np.asarray(v, np.float64) for k, v in self.timings.items()},
             "llm": svc.state_dict() if (svc := self.llm_service) is not None else None,
         }
 
@@ -268,22 +272,65 @@ class FeedbackLoop(mesa.Model):
         return self.policy_context.extra.get("llm_service")
 
     def load_state(self, state: dict) -> None:
-        self.t = state["t"]
-        self.world = state["world"]
-        self.history = state["history"]
-        self.log = state["log"]
-        self.popularity = state["popularity"]
+        """Restore :meth:`state` into this freshly built model. It may be left half-restored when this
+        raises (a checkpoint that does not fit this run): build a new model before trying another one."""
+        fresh = self.world
+        self.t = int(state["t"])
+        self.world = World.from_state_dict(state["world"])
+        self.history = History.from_state_dict(state["history"])
+        self.log = InteractionLog.from_state_dict(state["log"])
+        self.popularity = np.array(state["popularity"], copy=True)
+        check_restored(self, fresh)
+        self.policy_context.extra["world"] = self.world  # components built before the restore follow it
         self.policy.load_state_dict(state["policy"])
+        if len(state["dynamics"]) != len(self.dynamics):
+            raise CheckpointError(f"it holds {len(state['dynamics'])} user dynamics, this run has {len(self.dynamics)}")
         for d, s in zip(self.dynamics, state["dynamics"]):
             d.load_state_dict(s)
         self.population.load_state_dict(state["population"])
         if self.creators is not None:
             self.creators.load_state_dict(state["creators"])
         self.metrics.load_state_dict(state["metrics"], self.world)
-        self.timings = defaultdict(list, state.get("timings", {}))
-        self.policy_context.extra["world"] = self.world  # components built before the restore follow it
+        self.timings = defaultdict(list, {k: np.asarray(v).tolist() for k, v in state.get("timings", {}).items()})
         if self.llm_service is not None:
             self.llm_service.bind_world(self.world)
             if state.get("llm") is not None:
                 self.llm_service.load_state_dict(state["llm"])
         self.steps = self.t
+
+
+def check_restored(model: FeedbackLoop, fresh: World) -> None:
+    """CheckpointError unless the restored world, history and popularity fit this run's freshly built world
+    (same dimensions and dtypes, consistent lengths): a foreign or damaged state never runs on."""
+    w = model.world
+    u, it, fu, fi = w.users, w.items, fresh.users, fresh.items
+    cap_u, cap_i = u.prefs.shape[0], it.attrs.shape[0]
+    expect = {
+        "world.users.prefs": (u.prefs, (cap_u, fu.dim), fu.prefs.dtype),
+        "world.users.prefs0": (u.prefs0, (cap_u, fu.dim), fu.prefs0.dtype),
+        "world.users.active": (u.active, (cap_u,), fu.active.dtype),
+        "world.users.joined_at": (u.joined_at, (cap_u,), fu.joined_at.dtype),
+        "world.items.attrs": (it.attrs, (cap_i, fi.dim), fi.attrs.dtype),
+        "world.items.genres": (it.genres, (cap_i, fi.genres.shape[1]), fi.genres.dtype),
+        "world.items.creator": (it.creator, (cap_i,), fi.creator.dtype),
+        "world.items.group": (it.group, (cap_i,), fi.group.dtype),
+        "world.items.created_at": (it.created_at, (cap_i,), fi.created_at.dtype),
+        "popularity": (model.popularity, (min(len(model.popularity), it.n),), np.dtype(np.float64)),
+    }
+    expect.update({f"world.users.attributes.{k}": (u.attributes.get(k), (cap_u, *v.shape[1:]), v.dtype)
+                   for k, v in fu.attributes.items()})
+    if fresh.creators is not None and w.creators is not None:
+        fc = fresh.creators
+        expect["world.creators.profiles"] = (w.creators.profiles, fc.profiles.shape, fc.profiles.dtype)
+        expect["world.creators.group"] = (w.creators.group, fc.group.shape, fc.group.dtype)
+    for name, (arr, shape, dtype) in expect.items():
+        if not isinstance(arr, np.ndarray) or arr.shape != shape or arr.dtype != dtype:
+            got = "nothing" if arr is None else f"shape {getattr(arr, 'shape', '?')} {getattr(arr, 'dtype', '')}"
+            raise CheckpointError(f"state.{name} is {got}; this run needs shape {shape} {dtype}")
+    if not (0 <= u.n <= cap_u and 0 <= it.n <= cap_i and len(it.titles) == it.n):
+        raise CheckpointError("state.world counts do not fit its arrays")
+    if (w.creators is None) != (fresh.creators is None) or set(u.attributes) != set(fu.attributes):
+        raise CheckpointError("state.world has other parts (creators, user attributes) than this run's world")
+    h = model.history
+    if h.n_users < u.n or any(ip.shape != (h.n_users + 1,) for ip, _ in h.segments):
+        raise CheckpointError("state.history does not fit the restored world's users")

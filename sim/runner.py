@@ -24,8 +24,10 @@ import yaml
 
 from recloop import __version__
 from recloop.errors import RecloopInputError
+from recloop.sim.checkpoint import CheckpointError
 from recloop.sim.config import load_scenario, validate_mapping
-from recloop.sim.store import RunStore, run_key
+from recloop.sim.preflight import check_scenario
+from recloop.sim.store import DiskFullError, RunStore, atomic_write_text, check_keys, is_disk_full, run_key
 
 LIVE_METRICS = ("utility", "gini_exposure", "coverage_cum")
 
@@ -69,11 +71,10 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
     store = RunStore(root)
     key = run_key(policy_name, seed)
     cfg = scenario.policy_configs()[policy_name]
-    ck = store.latest_checkpoint(key) if resume else None
+    ident = {"config_hash": scenario.config_hash(), "seed": int(seed), "policy": policy_name, "key": key}
     t_start = time.perf_counter()
-    if ck is not None:
-        model = FeedbackLoop(scenario, policy_name, cfg, seed, restore=ck[1], scenario_file=scenario_file,
-                             run_dir=root)
+    model = _restore(scenario, policy_name, seed, store, ident, scenario_file=scenario_file) if resume else None
+    if model is not None:
         store.drop_parts_after(key, model.t - 1)
     else:
         store.drop_parts_after(key, -1)
@@ -110,7 +111,7 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
         if done % out.flush_every == 0 or ckpt_due or done == scenario.steps:
             flush(t)
         if ckpt_due or done == scenario.steps:
-            store.save_checkpoint(key, done, model.state(), keep=out.keep_checkpoints)
+            store.save_checkpoint(key, done, model.state(), ident, keep=out.keep_checkpoints)
         if progress is not None:
             live = {m: v for m, g, v in model.last_rows if m in LIVE_METRICS and g == ""}
             progress(key, done, scenario.steps, live)
@@ -143,6 +144,43 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
 
         entry.setdefault("llm", empty_accounting())
     return entry
+
+
+def _restore(scenario, policy_name: str, seed: int, store: RunStore, ident: dict[str, Any],
+             scenario_file: str | None):
+    """The model at the newest checkpoint of this run that verifies (sha256, format, config hash, seed,
+    policy) and loads; older ones are tried in turn. None when the run has no complete checkpoint (it
+    starts from scratch); RecloopInputError when it has some and none of them is usable."""
+    from recloop.sim.model import FeedbackLoop
+
+    problems: list[str] = []
+    for ck in store.checkpoints(ident["key"]):
+        try:
+            state = store.load_checkpoint(ck, ident)
+            # a fresh model per attempt: a failed load_state may have half-restored the previous one
+            model = FeedbackLoop(scenario, policy_name, scenario.policy_configs()[policy_name], seed,
+                                 restore=state, scenario_file=scenario_file, run_dir=str(store.root))
+            if model.t != ck.step:
+                raise CheckpointError(f"it holds cycle {model.t}, not {ck.step}")
+        except (RecloopInputError, MemoryError):
+            raise
+        except Exception as exc:  # any failure to restore means this checkpoint does not fit this run
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                raise
+            why = str(exc) if isinstance(exc, CheckpointError) else \
+                f"it does not fit this run ({type(exc).__name__}: {exc})"
+            problems.append(f"{ck.json.name}: {why}")
+            continue
+        if problems:
+            print(f"warning: {ident['key']}: skipped unusable checkpoints ({'; '.join(problems)}); resuming from "
+                  f"{ck.json.name}", file=sys.stderr)
+        return model
+    if problems:
+        raise RecloopInputError(
+            f"no usable checkpoint for run {ident['key']}: {'; '.join(problems)}. Nothing was loaded. Delete that "
+            "directory to rerun this run from its start with `recloop resume`, or start the whole run again "
+            "with `recloop run ... --overwrite`.", file=str(store.checkpoint_dir(ident["key"])))
+    return None
 
 
 def _run_one_resolved(resolved: dict, policy_name: str, seed: int, root: str, resume: bool,
@@ -208,48 +246,63 @@ def _execute_ray(resolved: dict, todo, root: Path, resume: bool, workers: int, s
 def execute(scenario, root: Path, *, resume: bool, workers: int = 1, progress: bool = True,
             scenario_file: str | None = None, manifest: dict | None = None,
             executor: str = "process") -> dict[str, Any]:
+    """Run every unfinished (policy, seed) pair, then merge the metrics; a full disk becomes DiskFullError."""
     store = RunStore(root)
     manifest = manifest or store.read_manifest()
     jobs = [(p, s) for p in scenario.policy_configs() for s in scenario.seeds()]
+    check_keys(jobs, root)
     todo = [(p, s) for p, s in jobs if manifest["runs"].get(run_key(p, s), {}).get("status") != "complete"]
-    manifest["status"] = "running"
-    store.write_manifest(manifest)
+    try:
+        manifest["status"] = "running"
+        store.write_manifest(manifest)
+        _execute_todo(scenario, store, manifest, todo, resume=resume, workers=workers, progress=progress,
+                      scenario_file=scenario_file, executor=executor)
+        _finish(store, manifest)
+    except KeyboardInterrupt:
+        _mark(store, manifest, "interrupted")
+        raise
+    except BaseException as exc:
+        if is_disk_full(exc):
+            _mark(store, manifest, "interrupted", "disk full")
+            raise DiskFullError(root) from None
+        _mark(store, manifest, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    return manifest
+
+
+def _execute_todo(scenario, store: RunStore, manifest: dict, todo: list[tuple[str, int]], *, resume: bool,
+                  workers: int, progress: bool, scenario_file: str | None, executor: str) -> None:
+    """Run the pairs serially, in a process pool or on Ray, recording each finished run in the manifest."""
+    root = store.root
     prog, update = _progress_ui(progress and workers <= 1)
+
     def on_done(p, s, entry):
         manifest["runs"][run_key(p, s)] = entry
         store.write_manifest(manifest)
         if progress and (workers > 1 or executor == "ray"):
             print(f"finished {run_key(p, s)}", file=sys.stderr)
 
-    try:
-        if executor == "ray":
-            _execute_ray(scenario.resolved(), todo, root, resume, workers, scenario_file, on_done)
-        elif workers <= 1:
-            ctx = prog if prog is not None else _Null()
-            with ctx:
-                for p, s in todo:
-                    entry = run_one(scenario, p, s, str(root), resume=resume, progress=update,
-                                    scenario_file=scenario_file)
-                    manifest["runs"][run_key(p, s)] = entry
-                    store.write_manifest(manifest)
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                resolved = scenario.resolved()  # the dynamic pydantic model is rebuilt in each worker
-                futs = {pool.submit(_run_one_resolved, resolved, p, s, str(root), resume, scenario_file): (p, s)
-                        for p, s in todo}
-                for fut in as_completed(futs):
-                    on_done(*futs[fut], fut.result())
-    except KeyboardInterrupt:
-        manifest["status"] = "interrupted"
-        store.write_manifest(manifest)
-        raise
-    except BaseException as exc:
-        manifest["status"] = "failed"
-        manifest["error"] = f"{type(exc).__name__}: {exc}"
-        store.write_manifest(manifest)
-        raise
+    if executor == "ray":
+        _execute_ray(scenario.resolved(), todo, root, resume, workers, scenario_file, on_done)
+    elif workers <= 1:
+        with prog if prog is not None else _Null():
+            for p, s in todo:
+                entry = run_one(scenario, p, s, str(root), resume=resume, progress=update, scenario_file=scenario_file)
+                on_done(p, s, entry)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            resolved = scenario.resolved()  # the dynamic pydantic model is rebuilt in each worker
+            futs = {pool.submit(_run_one_resolved, resolved, p, s, str(root), resume, scenario_file): (p, s)
+                    for p, s in todo}
+            for fut in as_completed(futs):
+                on_done(*futs[fut], fut.result())
+
+
+def _finish(store: RunStore, manifest: dict) -> None:
+    """Merge the parts into metrics.parquet and mark the run complete."""
     store.finalize_metrics()
     manifest["status"] = "complete"
+    manifest.pop("error", None)
     manifest["finished"] = datetime.now(timezone.utc).isoformat()
     manifest["timings"] = _aggregate(manifest["runs"])
     llm_runs = [r["llm"] for r in manifest["runs"].values() if isinstance(r.get("llm"), dict)]
@@ -258,7 +311,18 @@ def execute(scenario, root: Path, *, resume: bool, workers: int = 1, progress: b
 
         manifest["llm"] = sum_accounting(llm_runs)
     store.write_manifest(manifest)
-    return manifest
+
+
+def _mark(store: RunStore, manifest: dict, status: str, error: str | None = None) -> None:
+    """Record how the run stopped; on a full disk the manifest may not be writable (the old one stays)."""
+    manifest["status"] = status
+    if error is not None:
+        manifest["error"] = error
+    try:
+        store.write_manifest(manifest)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
 
 
 class _Null:
@@ -291,11 +355,10 @@ def run_scenario(scenario, out, *, seed: int | None = None, steps: int | None = 
         raise RecloopInputError(f"unknown executor '{executor}'; allowed: process, ray.", key="--executor")
     root = Path(out)
     store = RunStore(root)
+    check_keys([(p, s) for p in scenario.policy_configs() for s in scenario.seeds()], root)
+    check_scenario(scenario, file=scenario_file)  # every check of `recloop validate`, before anything is written
     existed = root.exists()
     store.prepare(overwrite=overwrite)
-    from recloop.sim.store import atomic_write_text
-
-    atomic_write_text(root / "scenario.yaml", yaml.safe_dump(scenario.resolved(), sort_keys=False))
     manifest = {
         "format": "recloop-run/1",
         "scenario": scenario.name,
@@ -311,18 +374,31 @@ def run_scenario(scenario, out, *, seed: int | None = None, steps: int | None = 
         "status": "running",
         "runs": {},
     }
-    store.write_manifest(manifest)
+    try:
+        atomic_write_text(root / "scenario.yaml", yaml.safe_dump(scenario.resolved(), sort_keys=False))
+        store.write_manifest(manifest)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        _remove_unstarted(store, existed)  # nothing ran: leave no half-made run directory
+        raise DiskFullError(root) from None
     try:
         return execute(scenario, root, resume=False, workers=workers, progress=progress, scenario_file=scenario_file,
                        manifest=manifest, executor=executor)
     except RecloopInputError:
         # bad input found while building the world (a data set, k > catalog, ...): nothing was simulated,
         # so leave no half-made run directory behind
-        if not any(store.parts_dir.glob("*.parquet")) and not (root / "checkpoints").exists():
-            store.remove_run_files()
-            if not existed and root.is_dir() and not any(root.iterdir()):
-                root.rmdir()
+        if not store.parts() and not (root / "checkpoints").exists():
+            _remove_unstarted(store, existed)
         raise
+
+
+def _remove_unstarted(store: RunStore, existed: bool) -> None:
+    """Remove the files of a run that never simulated anything (and its directory, if this run made it)."""
+    store.remove_run_files()
+    root = store.root
+    if not existed and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def resume_run(out, *, workers: int = 1, progress: bool = True, executor: str = "process") -> dict[str, Any]:
@@ -334,6 +410,12 @@ def resume_run(out, *, workers: int = 1, progress: bool = True, executor: str = 
     manifest = store.read_manifest()
     if manifest.get("status") == "complete" and (root / "metrics.parquet").exists():
         return manifest
+    legacy = store.legacy_checkpoints()
+    if legacy:
+        raise RecloopInputError(
+            f"holds {len(legacy)} checkpoint(s) in the old pickle format ({legacy[0].relative_to(root)}, ...). "
+            "recloop no longer loads pickle files, because unpickling a file can run arbitrary code, so this run "
+            "cannot be resumed. Start it again with `recloop run SCENARIO --out DIR --overwrite`.", file=str(root))
     scen_path = root / "scenario.yaml"
     scenario = load_scenario(scen_path)
     if scenario.config_hash() != manifest.get("config_hash"):

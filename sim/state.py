@@ -145,6 +145,37 @@ class World:
     creators: Creators | None = None
     meta: dict = field(default_factory=dict)  # generator facts (e.g. data set name), JSON-able
 
+    # -- checkpoints (plain values and arrays only: see recloop.sim.checkpoint) -------------------------
+    def state_dict(self) -> dict:
+        """The world as nested dicts of arrays and plain values (titles packed as UTF-8 bytes)."""
+        from recloop.sim.checkpoint import pack_strings
+
+        u, it, cr = self.users, self.items, self.creators
+        return {
+            "users": {"prefs": u.prefs, "prefs0": u.prefs0, "active": u.active, "joined_at": u.joined_at, "n": int(u.n),
+                      "attributes": dict(u.attributes)},
+            "items": {"attrs": it.attrs, "genres": it.genres, "creator": it.creator, "group": it.group,
+                      "created_at": it.created_at, "titles": pack_strings(it.titles), "n": int(it.n),
+                      "genre_names": list(it.genre_names)},
+            "creators": None if cr is None else {"profiles": cr.profiles, "group": cr.group},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> World:
+        """The world :meth:`state_dict` described (arrays copied: the world mutates them in place)."""
+        from recloop.sim.checkpoint import unpack_strings
+
+        u, it, cr = state["users"], state["items"], state["creators"]
+        users = Users(prefs=u["prefs"].copy(), prefs0=u["prefs0"].copy(), active=u["active"].copy(),
+                      joined_at=u["joined_at"].copy(), n=int(u["n"]),
+                      attributes={k: v.copy() for k, v in u["attributes"].items()})
+        items = Items(attrs=it["attrs"].copy(), genres=it["genres"].copy(), creator=it["creator"].copy(),
+                      group=it["group"].copy(), created_at=it["created_at"].copy(),
+                      titles=unpack_strings(it["titles"]), n=int(it["n"]), genre_names=list(it["genre_names"]))
+        creators = None if cr is None else Creators(profiles=cr["profiles"].copy(), group=cr["group"].copy())
+        return cls(users=users, items=items, creators=creators, meta=state["meta"])
+
     def true_utility(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """V_ui = <x_u, a_i> for aligned arrays ``users`` (n,) and ``items`` (n, k) → (n, k)."""
         from recloop.sim import kernels
@@ -177,6 +208,18 @@ class History:
         self.max_segments = max_segments
         self.segments: list[tuple[np.ndarray, np.ndarray]] = []
         self.nnz = 0
+
+    def state_dict(self) -> dict:
+        """The segments as (indptr, items) array pairs, for a checkpoint."""
+        return {"n_users": int(self.n_users), "max_segments": int(self.max_segments), "nnz": int(self.nnz),
+                "segments": [(ip, ix) for ip, ix in self.segments]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> History:
+        h = cls(int(state["n_users"]), int(state["max_segments"]))
+        h.segments = [(ip, ix) for ip, ix in state["segments"]]
+        h.nnz = int(state["nnz"])
+        return h
 
     def _segment(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if len(users) > 1 and not bool(np.all(users[1:] > users[:-1])):  # one pair per sorted user: no sort

@@ -5,39 +5,98 @@ DIR/scenario.yaml       the fully resolved scenario
 DIR/manifest.json       versions, seed(s), config hash, status, timings (per run and overall)
 DIR/metrics.parquet     long format: policy, seed, step, metric, group, value (written at the end)
 DIR/metrics.parts/      Parquet parts appended while the run goes (flat memory); merged at the end
-DIR/checkpoints/        <policy>__seed<N>/step_<t>.pkl, atomic, the latest few kept
+DIR/checkpoints/        <policy>__seed<N>/step_<t>.npz + step_<t>.json (no pickle), atomic, the latest few kept
 ```
 ``metrics.parquet`` only appears when every run is complete, so a partial run never looks complete;
-``recloop resume DIR`` continues from the latest checkpoints and drops parts written after them.
+``recloop resume DIR`` continues from the latest checkpoints that verify and drops parts written after them.
+Every file is written atomically (a temporary file, fsync, rename) with the permissions the umask allows;
+a full disk ends the command with :class:`DiskFullError` and leaves what was written intact and resumable.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
-import pickle
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+from urllib.parse import quote
 
 import polars as pl
 
 from recloop.errors import RecloopInputError
+from recloop.sim import checkpoint as ckpt
 
 SCHEMA = {"policy": pl.Utf8, "seed": pl.Int64, "step": pl.Int64, "metric": pl.Utf8, "group": pl.Utf8,
           "value": pl.Float64}
 RUN_FILES = ("scenario.yaml", "manifest.json", "metrics.parquet", "metrics.parts", "checkpoints", "plots",
              "interactions", "llm_cache", "metrics.png")
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_PART = re.compile(r"^(?P<key>.+)__(?P<first>\d+)-(?P<last>\d+)\.parquet$")
+_STEP = re.compile(r"^step_(?P<step>\d+)\.(?P<ext>json|npz)$")
+_OS_ERROR = re.compile(r"os error (\d+)")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+# -------------------------------------------------------------------------------------------- full disk
+class DiskFullError(Exception):
+    """The disk (or the quota) filled up while a run wrote its files. The CLI prints the one-line message
+    and exits with code 1; everything written before stays intact, so the run can be resumed."""
+
+    exit_code = 1
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        resumable = (self.root / "manifest.json").is_file() and (self.root / "scenario.yaml").is_file()
+        then = (f"`recloop resume {self.root}` continues the run once space is free" if resumable
+                else "run the command again once space is free")
+        super().__init__(f"the disk is full (no space left while writing {self.root}); the files written so far "
+                         f"are intact, and {then}.")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it wraps: cause, context, a worker's cause) is a full disk or quota."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and exc.errno in DISK_FULL):
+            return True
+        m = _OS_ERROR.search(str(exc)) if type(exc).__module__.startswith("polars") else None
+        if m and int(m.group(1)) in DISK_FULL:  # polars reports IO errors as "... (os error 28)"
+            return True
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)
+    return False
+
+
+# ------------------------------------------------------------------------------------------ atomic files
+def _file_mode() -> int:
+    """The mode a plainly created file gets (0o666 less the umask): mkstemp would leave 0o600."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(fh)`` into a temporary file, fsync it, then rename it into place:
+    readers see the old file or the whole new one, never a torn one (also when the disk fills up)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -47,13 +106,48 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda fh: fh.write(data))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+# ------------------------------------------------------------------------------------------------ keys
 def run_key(policy: str, seed: int) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", policy)
-    return f"{safe}__seed{seed}"
+    """The file-name key of one (policy, seed) run: ``<policy>__seed<N>``. Injective: names made of
+    ``[A-Za-z0-9_.-]`` are kept as they are, any other character is percent-encoded (``m/f`` → ``m%2Ff``,
+    ``m f`` → ``m%20f``, while ``m_f`` stays), and the seed is the last ``__seed`` suffix."""
+    safe = quote(policy, safe="").replace("~", "%7E")
+    if len(safe) > 150:  # keep file names under 255 bytes; "~" marks the hashed form (never in safe keys)
+        import hashlib
+
+        safe = f"{safe[:100]}~{hashlib.sha256(policy.encode('utf-8', 'surrogatepass')).hexdigest()[:24]}"
+    return f"{safe}__seed{int(seed)}"
+
+
+def check_keys(jobs: list[tuple[str, int]], root: Path) -> None:
+    """Refuse runs that would share files: equal keys, or keys equal up to case (a case-insensitive file
+    system, such as macOS's default, would merge their checkpoint directories)."""
+    seen: dict[str, tuple[str, int]] = {}
+    for policy, seed in jobs:
+        k = run_key(policy, seed).casefold()
+        if k in seen and seen[k] != (policy, seed):
+            other = seen[k][0]
+            raise RecloopInputError(
+                f"policies '{other}' and '{policy}' differ only in letter case, so their runs would share files "
+                "on a case-insensitive file system. Rename one of them.", file=str(root), key="policies")
+        seen[k] = (policy, seed)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One complete checkpoint on disk: its step, its json (written last) and its npz."""
+
+    step: int
+    json: Path
+    npz: Path
 
 
 class RunStore:
@@ -69,15 +163,15 @@ class RunStore:
                                     file=str(root))
         if root.exists() and any(root.iterdir()):
             holds_run = (root / "manifest.json").exists() or (root / "scenario.yaml").exists()
+            if not holds_run:  # --overwrite only ever replaces a run: never advise it for other files
+                raise RecloopInputError(
+                    "the output directory already holds files that are not a recloop run, and recloop never "
+                    "deletes them (not even with --overwrite). Choose an empty or new directory for --out.",
+                    file=str(root))
             if not overwrite:
-                what = "another run" if holds_run else "other files"
                 raise RecloopInputError(
-                    f"the output directory already holds {what}. Pass --overwrite to replace a previous run, "
+                    "the output directory already holds another run. Pass --overwrite to replace it, "
                     "`recloop resume DIR` to continue it, or choose another --out.", file=str(root))
-            if not holds_run:
-                raise RecloopInputError(
-                    "the output directory holds files that are not a recloop run; refusing to overwrite them "
-                    "even with --overwrite. Choose an empty or new directory.", file=str(root))
             self.remove_run_files()
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -85,6 +179,8 @@ class RunStore:
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(root) from None
             raise RecloopInputError(
                 f"the output directory cannot be written ({exc.strerror or exc}). Choose a writable --out.",
                 file=str(root)) from None
@@ -121,31 +217,46 @@ class RunStore:
         return self.root / "metrics.parts"
 
     def write_part(self, key: str, first: int, last: int, rows: dict[str, list]) -> None:
-        df = pl.DataFrame(rows, schema=SCHEMA)
-        path = self.parts_dir / f"{key}__{first:07d}-{last:07d}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        df.write_parquet(tmp)
-        os.replace(tmp, path)
+        """Append the metric rows of cycles ``first..last`` of run ``key`` as one Parquet part (atomic)."""
+        buf = io.BytesIO()  # parts are small; writing them from Python makes a full disk a plain OSError
+        pl.DataFrame(rows, schema=SCHEMA).write_parquet(buf)
+        atomic_write_bytes(self.parts_dir / f"{key}__{first:07d}-{last:07d}.parquet", buf.getvalue())
+
+    def parts(self, key: str | None = None) -> list[tuple[Path, int]]:
+        """The parts (path, first cycle) of run ``key`` (of every run when None), by file name. The key is
+        matched exactly, never by prefix, so no run can see another's parts."""
+        if not self.parts_dir.is_dir():
+            return []
+        out = []
+        for p in sorted(self.parts_dir.iterdir()):
+            m = _PART.match(p.name)
+            if m and (key is None or m["key"] == key):
+                out.append((p, int(m["first"])))
+        return out
 
     def drop_parts_after(self, key: str, step: int) -> None:
         """Remove parts of run ``key`` that start after ``step`` (written after its checkpoint)."""
-        for p in self.parts_dir.glob(f"{key}__*.parquet"):
-            first = int(p.stem.rsplit("__", 1)[1].split("-")[0])
+        for p, first in self.parts(key):
             if first > step:
                 p.unlink()
 
     def finalize_metrics(self) -> Path:
         """Merge all parts into ``metrics.parquet`` (streaming; sorted by policy, seed, step)."""
-        parts = sorted(self.parts_dir.glob("*.parquet"))
+        parts = [p for p, _ in self.parts()]
         out = self.root / "metrics.parquet"
         tmp = self.root / ".metrics.parquet.tmp"
-        if parts:
-            lf = pl.scan_parquet([str(p) for p in parts]).sort(["policy", "seed", "step", "metric", "group"])
-            lf.sink_parquet(tmp)
-        else:
-            pl.DataFrame(schema=SCHEMA).write_parquet(tmp)
-        os.replace(tmp, out)
+        try:
+            if parts:
+                lf = pl.scan_parquet([str(p) for p in parts]).sort(["policy", "seed", "step", "metric", "group"])
+                lf.sink_parquet(tmp)
+            else:
+                pl.DataFrame(schema=SCHEMA).write_parquet(tmp)
+            os.replace(tmp, out)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(exc) and not isinstance(exc, OSError):
+                raise OSError(errno.ENOSPC, f"no space left while writing {out}") from exc
+            raise
         return out
 
     def read_metrics(self) -> pl.DataFrame:
@@ -153,7 +264,7 @@ class RunStore:
         final = self.root / "metrics.parquet"
         if final.exists():
             return pl.read_parquet(final)
-        parts = sorted(self.parts_dir.glob("*.parquet"))
+        parts = [p for p, _ in self.parts()]
         if not parts:
             raise RecloopInputError("holds no metrics (no metrics.parquet and no metrics.parts/). Run "
                                     "`recloop run` first.", file=str(self.root))
@@ -163,19 +274,49 @@ class RunStore:
     def checkpoint_dir(self, key: str) -> Path:
         return self.root / "checkpoints" / key
 
-    def save_checkpoint(self, key: str, step: int, state: dict, keep: int = 2) -> None:
+    def save_checkpoint(self, key: str, step: int, state: dict, run: dict[str, Any], keep: int = 2) -> None:
+        """Write the checkpoint of run ``key`` after ``step`` cycles: the npz, then the json that marks it
+        complete (``run``: config hash, seed, policy, key, checked on resume); keep the newest ``keep``."""
         d = self.checkpoint_dir(key)
-        atomic_write_bytes(d / f"step_{step:07d}.pkl", pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
-        ckpts = sorted(d.glob("step_*.pkl"))
-        for old in ckpts[:-keep]:
-            old.unlink()
+        skeleton, arrays = ckpt.flatten(state)
+        npz = d / f"step_{step:07d}.npz"
+        atomic_write(npz, lambda fh: ckpt.write_npz(fh, arrays))
+        meta = ckpt.make_meta(step=step, skeleton=skeleton, npz_path=npz, run=run)
+        atomic_write_text(d / f"step_{step:07d}.json", json.dumps(meta, allow_nan=False, separators=(",", ":")))
+        self._rotate(d, keep)
 
-    def latest_checkpoint(self, key: str) -> tuple[int, dict] | None:
-        d = self.checkpoint_dir(key)
-        for p in sorted(d.glob("step_*.pkl"), reverse=True):
-            try:
-                with open(p, "rb") as fh:
-                    return int(p.stem.split("_")[1]), pickle.load(fh)
-            except (EOFError, pickle.UnpicklingError):
-                continue  # a torn file cannot happen with atomic writes, but never trust it blindly
-        return None
+    def _rotate(self, d: Path, keep: int) -> None:
+        """Delete all but the newest ``keep`` complete checkpoints (json first: it marks completeness),
+        npz files without a json, and temporary files of interrupted writes."""
+        kept = {c.npz.name for c in self.checkpoints_in(d)[:keep]}
+        for c in self.checkpoints_in(d)[keep:]:
+            c.json.unlink(missing_ok=True)
+        for p in d.iterdir():
+            m = _STEP.match(p.name)
+            if (m and m["ext"] == "npz" and p.name not in kept) or p.name.startswith(".step_"):
+                p.unlink(missing_ok=True)
+
+    @staticmethod
+    def checkpoints_in(d: Path) -> list[Checkpoint]:
+        """The complete checkpoints (those with a json) in ``d``, newest first."""
+        if not d.is_dir():
+            return []
+        out = []
+        for p in d.iterdir():
+            m = _STEP.match(p.name)
+            if m and m["ext"] == "json":
+                out.append(Checkpoint(int(m["step"]), p, p.with_suffix(".npz")))
+        return sorted(out, key=lambda c: c.step, reverse=True)
+
+    def checkpoints(self, key: str) -> list[Checkpoint]:
+        """The complete checkpoints of run ``key``, newest first."""
+        return self.checkpoints_in(self.checkpoint_dir(key))
+
+    def load_checkpoint(self, ck: Checkpoint, expect: dict[str, Any]) -> dict:
+        """The verified state of ``ck`` (sha256, format, step and ``expect``); CheckpointError otherwise."""
+        return ckpt.load(ck.json, ck.npz, ck.step, expect)
+
+    def legacy_checkpoints(self) -> list[Path]:
+        """Pickle checkpoints of older recloop versions (never loaded: unpickling can run code)."""
+        d = self.root / "checkpoints"
+        return sorted(d.glob("*/*.pkl")) if d.is_dir() else []

@@ -3,7 +3,7 @@
 import pytest
 
 from recloop import registry
-from recloop.conformance import CHECKS, check_component
+from recloop.conformance import CHECKS, ConformanceReport, check_component
 
 
 def _all():
@@ -30,7 +30,8 @@ def _csv_params(tmp_path):
 @pytest.mark.parametrize("kind,name", _all())
 def test_component_conforms(kind, name, tmp_path):
     params = _csv_params(tmp_path) if (kind, name) == ("world", "interactions_csv") else None
-    check_component(kind, name, params)
+    report = check_component(kind, name, params)
+    assert (report.kind, report.name) == (kind, name) and "seeded determinism" in report
 
 
 def test_every_kind_has_components():
@@ -75,3 +76,16 @@ def test_kit_catches_input_mutation():
             check_component("policy", "_mutating")
     finally:
         _REGISTRY["policy"].pop("_mutating")
+
+
+def test_check_component_reports_what_it_checked():
+    """check_component returns a printable report naming every check passed (it used to return None)."""
+    report = check_component("policy", "popularity")
+    assert isinstance(report, ConformanceReport) and len(report) >= 6
+    for check in ("inputs left unmodified (world, training log)", "seeded determinism", "consumed items excluded",
+                  "online update and checkpoint round-trip"):
+        assert check in report.passed
+    text = str(report)
+    assert text.splitlines()[0] == f"policy 'popularity': {len(report)} conformance checks passed"
+    assert "  ✓ seeded determinism" in text.splitlines()
+    assert str(check_component("metric", "utility")).count("✓") == 3

@@ -11,6 +11,7 @@ import pytest
 from recloop.analysis import metrics as M
 from recloop.sim import kernels
 from recloop.sim.engine import (
+    TILE_ROWS,
     CupyBackend,
     ScoringEngine,
     available_backends,
@@ -230,8 +231,10 @@ def test_auto_backend_and_chunk_size():
     if kernels.HAVE_NUMBA and name not in ("cupy", "torch"):
         assert name == "numba"
     eng = ScoringEngine("numpy")
-    assert eng.rows_per_chunk(1000) == 16 * 2**20 // 4000  # chunk_mib default
-    assert ScoringEngine("numpy", chunk_rows=7).rows_per_chunk(10**6) == 7
+    T = TILE_ROWS
+    assert eng.rows_per_chunk(1000) == -(-(16 * 2**20 // 4000) // T) * T  # chunk_mib default, whole tiles
+    assert ScoringEngine("numpy", chunk_rows=7).rows_per_chunk(10**6) == T  # rounded up to one tile
+    assert ScoringEngine("numpy", chunk_rows=T + 1).rows_per_chunk(10**6) == 2 * T
     with pytest.raises(ValueError):
         ScoringEngine("no-such-backend")
 

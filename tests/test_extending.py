@@ -26,7 +26,8 @@ def test_readme_policy_example(write_yaml, tmp_path):
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
     try:
-        check_component("policy", "last_item")
+        report = check_component("policy", "last_item")
+        assert "seeded determinism" in report and "checkpoint round-trip" in str(report)
         p = write_yaml("world: {type: chaney, n_users: 80, n_items: 60, dim: 6}\nsteps: 5\nk: 4\n" + yaml_block)
         run_scenario(p, tmp_path / "run", progress=False)
         df = pl.read_parquet(tmp_path / "run" / "metrics.parquet")

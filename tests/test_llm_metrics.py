@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recloop.analysis.llm_metrics import (
     distributional_popbias,
@@ -121,6 +123,90 @@ def test_fuzzy_match_is_difflib_best() -> None:
         assert r_full.score == pytest.approx(brute, abs=1e-12)
         assert r_dflt.score == pytest.approx(brute, abs=1e-12)
         assert r_dflt.matched == (brute >= 0.7)
+
+
+#: difflib's greedy block matching scores these decoys far below their rapidfuzz (LCS) ratio: each has
+#: Indel ratio 0.8 but difflib ratio 0.267 against QUERY, while TRUE_BEST has 0.786 under both
+QUERY = "abbaabab bbaab"
+DECOYS = ["abbbababbbaaabba", "bbabababbbaaabba", "abbbaaabbbababba", "bbabababbbababba", "ababaabbbbaaabba",
+          "ababaaabbbababba"]
+TRUE_BEST = "abababaababbaa"
+
+
+def _brute(matcher: TitleMatcher, query: str) -> Match:
+    """The documented L-HALL result by exhaustive difflib scoring (ties to the lower item id)."""
+    qn = normalise_title(query)
+    if not qn:
+        return Match(-1, 0.0, False)
+    if qn in matcher.normalised:
+        return Match(matcher.normalised.index(qn), 1.0, True)
+    scores = [ratio(qn, c) for c in matcher.normalised]
+    best = max(scores, default=0.0)
+    return Match(scores.index(best), best, False) if best >= matcher.threshold else Match(-1, best, False)
+
+
+def test_fuzzy_match_beyond_the_rapidfuzz_top_five() -> None:
+    from rapidfuzz import fuzz
+
+    titles = DECOYS + ["Heat (1995)", TRUE_BEST, "Toy Story (1995)"]
+    assert all(fuzz.ratio(QUERY, d) > fuzz.ratio(QUERY, TRUE_BEST) for d in DECOYS)  # top 6 are decoys
+    assert all(ratio(QUERY, d) < 0.3 for d in DECOYS) and ratio(QUERY, TRUE_BEST) > 0.78
+    m = TitleMatcher(titles)
+    hit = m.match_one(QUERY)
+    assert hit == _brute(m, QUERY) == Match(7, ratio(QUERY, TRUE_BEST), False)
+    assert TitleMatcher(titles).match([QUERY, "heat", QUERY])[0] == hit  # the batched path agrees
+
+
+def test_fuzzy_match_through_the_batched_role_path() -> None:
+    from recloop.recommenders.llm.roles import match_titles
+
+    m = TitleMatcher(DECOYS + [TRUE_BEST] + _catalog(40))
+    queries = [QUERY] * 3 + ["Golden River Night", "the lost empire", "zzz", "night day riverr", "Heat"]
+    assert match_titles(m, queries) == [_brute(m, q) for q in queries]
+
+
+def _edit(s: str, draw) -> str:
+    """``s`` with up to two random one-character substitutions, insertions or deletions."""
+    for _ in range(draw(st.integers(0, 2))):
+        i = draw(st.integers(0, len(s)))
+        c = draw(st.sampled_from("ab "))
+        s = draw(st.sampled_from([s[:i] + c + s[i + 1 :], s[:i] + c + s[i:], s[:i] + s[i + 1 :]]))
+    return s
+
+
+@st.composite
+def _catalog_and_queries(draw) -> tuple[list[str], list[str]]:
+    """Catalogs around the decoy construction above (edited decoys, the true best, random titles over
+    the same tiny alphabet) and queries near QUERY: where difflib's greedy blocks score titles far
+    below their rapidfuzz bound, so a top-few shortlist misses the difflib-best title."""
+    text = st.text(alphabet="ab c", min_size=0, max_size=16)
+    near = [_edit(t, draw) for t in draw(st.lists(st.sampled_from(DECOYS + [TRUE_BEST]), min_size=0, max_size=14))]
+    catalog = draw(st.permutations(near + draw(st.lists(text, min_size=1, max_size=8))))
+    return catalog, [_edit(QUERY, draw), *draw(st.lists(text, min_size=0, max_size=3))]
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(data=_catalog_and_queries(), threshold=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.9]))
+def test_matcher_equals_brute_force(data: tuple[list[str], list[str]], threshold: float) -> None:
+    """The exact search returns what exhaustive difflib scoring returns (item, score, exactness)."""
+    catalog, queries = data
+    m = TitleMatcher(catalog, threshold=threshold)
+    expected = [_brute(m, q) for q in queries]
+    assert m.match(queries) == expected
+    assert [TitleMatcher(catalog, threshold=threshold).match_one(q) for q in queries] == expected
+
+
+def test_exact_search_on_a_larger_catalog() -> None:
+    """Past the partially sorted head of candidates (catalogs > 128 titles) the search stays exact."""
+    from recloop.recommenders.llm.matching import _descending
+
+    titles = _catalog(300, seed=5) + DECOYS * 10 + [TRUE_BEST]
+    m = TitleMatcher(titles)
+    queries = [QUERY, "golden river nite", "the lost empire of night", "zzz", "abab", titles[7].lower() + "s"]
+    assert m.match(queries) == [_brute(m, q) for q in queries]
+    bound = np.random.default_rng(0).integers(0, 5, size=500).astype(float)
+    order = list(_descending(bound, head=3))
+    assert sorted(order) == list(range(500)) and all(np.diff(bound[order]) <= 0)
 
 
 def test_max_possible_scores_is_an_upper_bound() -> None:

@@ -322,14 +322,13 @@ def test_paired_svm_separability_keeps_seed_twins_together():
 
 
 def test_resumed_profiler_matches_the_uninterrupted_run(write_yaml, tmp_path):
-    import pickle
-
+    from recloop.sim.checkpoint import roundtrip
     from recloop.sim.model import FeedbackLoop
 
     m = _model(write_yaml, tmp_path)
     for _ in range(3):
         m.step()
-    state = pickle.loads(pickle.dumps(m.state()))  # as a checkpoint on disk
+    state = roundtrip(m.state())  # as a checkpoint on disk (npz + JSON skeleton)
     resumed = FeedbackLoop(
         m.scenario, "prof", m.scenario.policies["prof"], m.seed, restore=state, run_dir=str(tmp_path / "run")
     )

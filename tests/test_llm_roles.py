@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import pickle
 import sys
 import textwrap
 from pathlib import Path
@@ -27,6 +26,7 @@ from recloop.errors import RecloopInputError
 from recloop.recommenders.llm.service import LLMConfig, LLMService, get_service, sum_accounting
 from recloop.recommenders.llm.types import LLMBackend, LLMRequest, LLMResponse
 from recloop.registry import Params, register
+from recloop.sim.checkpoint import roundtrip
 from recloop.sim.config import validate_mapping
 from recloop.sim.runner import run_scenario
 
@@ -368,7 +368,7 @@ def test_accounting_survives_resume(tmp_path):
     sc = scenario({"r1": R1}, llm={"backend": {"type": "surrogate"}, "budget": {"max_calls": 50}})
     model = FeedbackLoop(sc, "r1", sc.policies["r1"], 5, run_dir=str(tmp_path))
     model.step()
-    state = pickle.loads(pickle.dumps(model.state()))  # as a checkpoint on disk
+    state = roundtrip(model.state())  # as a checkpoint on disk (npz + JSON skeleton)
     before = model.llm_service.accounting
     resumed = FeedbackLoop(sc, "r1", sc.policies["r1"], 5, restore=state, run_dir=str(tmp_path))
     assert resumed.llm_service.accounting == before
@@ -621,7 +621,7 @@ def test_resumed_run_matches_and_replays_from_the_cache(tmp_path):
 
     shutil.copytree(full, cut)
     (cut / "metrics.parquet").unlink()
-    for ck in (cut / "checkpoints" / "both__seed5").glob("step_0000004.pkl"):
+    for ck in (cut / "checkpoints" / "both__seed5").glob("step_0000004.*"):
         ck.unlink()
     man = json.loads((cut / "manifest.json").read_text())
     man["status"] = "running"

@@ -131,6 +131,25 @@ class TestConventions:
         assert M.regret(np.array([]), np.array([])) == 0.0
         assert M.disagreement(np.array([0.0, 1.0]), np.empty((0, 2), int)) == 0.0
 
+    def test_zero_users_give_nan_means(self):
+        """Every mean over users is nan with no users (M-SEREN used to raise); sums are 0, per-user arrays
+        empty, and coverage 0 (nothing was shown from a non-empty catalog)."""
+        none = np.empty((0, 4), np.int64)
+        pop, attrs = np.arange(5.0), np.eye(5)
+        head = M.short_head_mask(pop)
+        assert math.isnan(M.serendipity(none, np.empty((0, 2), np.int64), np.empty((0, 4), bool)))
+        assert math.isnan(M.serendipity(none, np.array([], np.int64), np.array([], bool)))
+        assert math.isnan(M.serendipity(np.full((2, 3), -1), np.zeros((2, 1), np.int64), np.ones((2, 3), bool)))
+        means = [M.arp(none, pop), M.aplt(none, head), M.aclt(none, head), M.novelty(none, pop, 4),
+                 M.afsr(none, attrs), M.mean_pair_jaccard_slates(none, np.empty((0, 2), np.int64)),
+                 M.popularity_lift([], []), M.esteban_ray([]), M.bimodality_coefficient([]),
+                 M.polarization_variance(np.empty((0, 3)))[1], *M.utility_stats([], 0, 0, 0).values(),
+                 M.exposure_fairness(none, np.array([0, 0, 1, 1, 0]), 5)["dpr"]]
+        assert all(math.isnan(v) for v in means)
+        assert M.coverage(none, 5) == 0.0 and M.regret([], []) == 0.0
+        assert M.intra_list_diversity(none, attrs).shape == (0,) and M.per_user_mean(none, pop).shape == (0,)
+        assert M.drift(np.empty((0, 3)), np.empty((0, 3)))["cosine_distance"].shape == (0,)
+
     def test_empty_slots_ignored_and_positions_fixed(self):
         slates = np.array([[-1, 0, 1], [2, -1, -1]])
         assert M.coverage(slates, 4) == approx(0.75)

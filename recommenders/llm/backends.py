@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from recloop.errors import RecloopInputError
+from recloop.limits import MAX_ITERATIONS, MAX_SAMPLE, MAX_THREADS
 
 from .types import GenerationParams, LLMBackend, LLMRequest, LLMResponse, as_requests
 
@@ -132,7 +133,7 @@ class TransformersBackend(LLMBackend):
         gguf_file: str | None = None
         """GGUF file name inside ``model`` (a directory)."""
         device: str = "cpu"
-        batch_size: int = Field(8, ge=1)
+        batch_size: int = Field(8, ge=1, le=MAX_SAMPLE)
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
         use_chat_template: bool = True
         system_prompt: str | None = None
@@ -140,7 +141,7 @@ class TransformersBackend(LLMBackend):
         convert_cache: bool = True
         """Keep GGUF weights once converted to safetensors, so later loads skip de-quantisation."""
         convert_cache_dir: str | None = None
-        num_threads: int | None = Field(None, ge=1)
+        num_threads: int | None = Field(None, ge=1, le=MAX_THREADS)
         """torch CPU threads (None leaves torch's setting alone)."""
 
     def __init__(self, params: TransformersBackend.Params | None = None, **context: Any):
@@ -452,9 +453,9 @@ class OpenAIBackend(LLMBackend):
         api_key_env: str = "OPENAI_API_KEY"
         """Environment variable holding the API key (no Authorization header when it is unset)."""
         timeout_s: float = Field(30.0, gt=0)
-        max_retries: int = Field(3, ge=0)
+        max_retries: int = Field(3, ge=0, le=MAX_ITERATIONS)
         backoff_s: float = Field(0.5, ge=0)
-        concurrency: int = Field(4, ge=1)
+        concurrency: int = Field(4, ge=1, le=MAX_THREADS)
         price_per_1k_prompt: float = Field(0.0, ge=0)
         price_per_1k_completion: float = Field(0.0, ge=0)
         system_prompt: str | None = None

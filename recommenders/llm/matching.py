@@ -5,10 +5,12 @@ otherwise scored against its best fuzzy match with the Ratcliff/Obershelp ratio
 (``difflib.SequenceMatcher.ratio``). It is matched iff the score is at least tau = 0.7.
 
 ``difflib`` is the score of record. ``rapidfuzz`` is only an accelerator: its Indel ratio
-(2*LCS/T) is an upper bound on the difflib ratio (2*M/T, M <= LCS), so a shortlist of the top few
-rapidfuzz candidates, rescored with difflib, finds the difflib-best title in practice and never
-misses a title that is rapidfuzz-far (Indel < tau). The bound is also what makes
-:meth:`TitleMatcher.max_possible_scores` a rigorous "far from every title" check.
+(2*LCS/T) is an upper bound on the difflib ratio (2*M/T, M <= LCS: difflib's matching blocks are a
+common subsequence). The matcher scores every catalog title with rapidfuzz (one vectorised call),
+rescores titles with difflib in decreasing order of that bound, and stops once the bound falls below
+the best difflib score found: the result is exactly the difflib-best title (ties to the lower item
+id), as a brute-force scan would return it, usually after a handful of difflib calls. The bound is
+also what makes :meth:`TitleMatcher.max_possible_scores` a rigorous "far from every title" check.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from __future__ import annotations
 import difflib
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 __all__ = ["Match", "TitleMatcher", "normalise_title", "split_year", "ratio"]
+
+#: float slack on the rapidfuzz bound (its 0-100 score and difflib's 2*M/T round differently)
+_BOUND_SLACK = 1e-9
 
 #: Articles moved from the end to the front ("Matrix, The" -> "the matrix"). The reference names
 #: The/A/An; the few Romance/German articles are our addition for MovieLens-style titles.
@@ -71,6 +76,23 @@ def ratio(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a, b).ratio()
 
 
+def _descending(bound: np.ndarray, head: int = 32) -> Iterator[int]:
+    """Indices by decreasing ``bound`` (ties: increasing index), lazily: the ``head`` largest first
+    (a partial sort; the search usually stops there), then the rest. Every index comes exactly once
+    and each one yielded has a bound at least that of any index not yet yielded."""
+    n = len(bound)
+    if n <= 4 * head:
+        yield from np.lexsort((np.arange(n), -bound)).tolist()
+        return
+    top = np.argpartition(-bound, head - 1)[:head]
+    top = top[np.lexsort((top, -bound[top]))]
+    yield from top.tolist()
+    rest = np.ones(n, bool)
+    rest[top] = False
+    rest = np.flatnonzero(rest)
+    yield from rest[np.lexsort((rest, -bound[rest]))].tolist()
+
+
 class Match(NamedTuple):
     """Result of matching one generated title.
 
@@ -98,7 +120,7 @@ class TitleMatcher:
     threshold:
         tau: a fuzzy match counts iff its difflib ratio is >= threshold (reference: 0.7).
     shortlist:
-        How many rapidfuzz candidates are rescored with difflib.
+        Unused (kept for compatibility): the search is exact, see the module docstring.
     cache_size:
         Fuzzy results are memoised per normalised query (outputs repeat a lot); 0 disables.
 
@@ -149,44 +171,82 @@ class TitleMatcher:
 
     def match_one(self, generated: str) -> Match:
         """Match a single generated title (see :meth:`match`)."""
+        return self.match([generated])[0]
+
+    def match(self, generated: Sequence[str]) -> list[Match]:
+        """Match each generated title: exact normalised lookup, else the difflib-best catalog title
+        (exact; fuzzy queries are bounded with rapidfuzz in one batch, see the module docstring)."""
+        out: list[Match | None] = []
+        pending: dict[str, list[int]] = {}
+        for i, g in enumerate(generated):
+            hit, norm = self._lookup(g)
+            out.append(hit)
+            if hit is None:
+                pending.setdefault(norm, []).append(i)
+        for norm, hit in self._fuzzy_many(list(pending)).items():
+            self._remember(norm, hit)
+            for i in pending[norm]:
+                out[i] = hit
+        return out  # type: ignore[return-value]
+
+    def _lookup(self, generated: str) -> tuple[Match | None, str]:
+        """The match when it needs no fuzzy search (empty, exact, memoised), else None; and the norm."""
         norm = normalise_title(generated)
         if not norm:
-            return Match(-1, 0.0, False)
+            return Match(-1, 0.0, False), norm
         item = self._exact.get(norm)
         if item is not None:
             _, year = split_year(unicodedata.normalize("NFKC", str(generated)).strip())
             if year is not None:
                 item = self._exact_year.get((norm, year), item)
-            return Match(item, 1.0, True)
-        hit = self._cache.get(norm)
-        if hit is not None:
-            return hit
-        hit = self._fuzzy(norm)
+            return Match(item, 1.0, True), norm
+        return self._cache.get(norm), norm
+
+    def _remember(self, norm: str, hit: Match) -> None:
         if self.cache_size > 0:
             if len(self._cache) >= self.cache_size:
                 self._cache.clear()
             self._cache[norm] = hit
-        return hit
-
-    def match(self, generated: Sequence[str]) -> list[Match]:
-        """Match each generated title: exact normalised lookup, else difflib-best of a rapidfuzz shortlist."""
-        return [self.match_one(g) for g in generated]
 
     def _fuzzy(self, norm: str) -> Match:
+        """The difflib-best title for one normalised query (no cache)."""
+        return self._fuzzy_many([norm])[norm]
+
+    def _fuzzy_many(self, norms: list[str], chunk: int = 64) -> dict[str, Match]:
+        """Difflib-best titles for normalised queries: rapidfuzz bounds for the whole catalog in blocks
+        (``process.cdist``, multi-threaded), then an exact bounded rescoring per query."""
         from rapidfuzz import fuzz, process
 
         if not self.normalised:
-            return Match(-1, 0.0, False)
-        cands = process.extract(norm, self.normalised, scorer=fuzz.ratio, limit=self.shortlist)
-        best_item, best_score = -1, -1.0
-        for _choice, _rf_score, idx in cands:
+            return {n: Match(-1, 0.0, False) for n in norms}
+        out = {}
+        for lo in range(0, len(norms), chunk):
+            block = norms[lo : lo + chunk]
+            workers = -1 if len(block) * len(self.normalised) >= 1 << 18 else 1  # threads pay off on big blocks
+            bounds = process.cdist(block, self.normalised, scorer=fuzz.ratio, dtype=np.float64, workers=workers)
+            for norm, row in zip(block, bounds / 100.0):
+                out[norm] = self._best(norm, row)
+        return out
+
+    def _best(self, norm: str, bound: np.ndarray) -> Match:
+        """Exact argmax of the difflib ratio over the catalog, given per-title upper bounds ``bound``.
+
+        Titles are rescored in decreasing bound (then increasing id); once a bound is below the best
+        score found, no later title can beat or tie it. Ties go to the lower item id; below the
+        threshold the item is not reported, so a title that can at most tie ends the search too."""
+        best_item, best = -1, -1.0
+        for idx in _descending(bound):
+            ub = bound[idx]
+            if ub + _BOUND_SLACK < best:  # can neither beat nor tie the best
+                break
+            if best < self.threshold and ub <= best + _BOUND_SLACK:  # can at most tie an unmatched score
+                break
             sc = ratio(norm, self.normalised[idx])
-            # ties go to the lower item id, so results do not depend on rapidfuzz's ordering
-            if sc > best_score or (sc == best_score and idx < best_item):
-                best_item, best_score = int(idx), sc
-        if best_score >= self.threshold:
-            return Match(best_item, best_score, False)
-        return Match(-1, max(best_score, 0.0), False)
+            if sc > best or (sc == best and idx < best_item):
+                best_item, best = idx, sc
+        if best >= self.threshold:
+            return Match(best_item, best, False)
+        return Match(-1, max(best, 0.0), False)
 
     def max_possible_scores(self, queries: Sequence[str], chunk: int = 64) -> np.ndarray:
         """Upper bounds on the best difflib ratio of each (raw) query against the whole catalog.

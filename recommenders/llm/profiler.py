@@ -65,6 +65,7 @@ from pydantic import Field, field_validator
 
 from recloop import registry
 from recloop.analysis.collectors import MetricComponent
+from recloop.limits import MAX_DIM, MAX_ITEMS, MAX_ITERATIONS, MAX_K, MAX_SAMPLE, MAX_STEPS, MAX_TOKENS, MAX_USERS
 from recloop.recommenders.base import Policy, PolicyContext, TrainingData
 from recloop.registry import Params, register
 from recloop.sim.rng import component_rng, derive_key, hash_u64
@@ -130,16 +131,16 @@ GROUP_LOOP = "role=profiler,phase=feedback_loop"
 class DemographicProbe(Params):
     """The L-DEMOJSD probe (metric ``llm_demographic_bias``): personas from user attributes."""
 
-    every: int = Field(10, ge=0, description="cycles between probes (0: off)")
-    samples: int = Field(8, ge=2, description="R answers per persona (fixed seeds 0..R-1)")
-    n: int = Field(10, ge=1, description="titles asked per answer")
+    every: int = Field(10, ge=0, le=MAX_STEPS, description="cycles between probes (0: off)")
+    samples: int = Field(8, ge=2, le=MAX_ITERATIONS, description="R answers per persona (fixed seeds 0..R-1)")
+    n: int = Field(10, ge=1, le=MAX_K, description="titles asked per answer")
     temperature: float = Field(0.8, ge=0.0, description="decoding temperature of the probe (real models)")
-    max_tokens: int = Field(120, ge=1, description="new tokens per probe answer")
+    max_tokens: int = Field(120, ge=1, le=MAX_TOKENS, description="new tokens per probe answer")
     attributes: list[Literal["gender", "age"]] = Field(
         default_factory=lambda: ["gender", "age"], description="attributes crossed into personas"
     )
     age_bands: list[int] = Field(default_factory=lambda: [25, 45], description="age band edges (years)")
-    candidates: int = Field(2000, ge=10, description="surrogate: the most popular items it may name")
+    candidates: int = Field(2000, ge=10, le=MAX_ITEMS, description="surrogate: the most popular items it may name")
     strength: float = Field(1.0, ge=0.0, description="surrogate: tilt toward the persona's genre prior")
 
 
@@ -313,18 +314,20 @@ class LLMProfiler(Policy):
         weight: float = Field(
             1.0, description="weight of cos(profile, item) against the standardised base score"
         )
-        refresh_every: int = Field(5, ge=1, description="cycles between profile refreshes")
-        users_per_refresh: int | None = Field(100, ge=1, description="users profiled per refresh (null: all)")
+        refresh_every: int = Field(5, ge=1, le=MAX_STEPS, description="cycles between profile refreshes")
+        users_per_refresh: int | None = Field(
+            100, ge=1, le=MAX_USERS, description="users profiled per refresh (null: all)")
         first_refresh_all: bool = Field(
             True,
             description="profile every user on the first refresh when the "
             "backend is the surrogate (and users <= max_first_refresh)",
         )
-        max_first_refresh: int = Field(20000, ge=1, description="cap for first_refresh_all")
+        max_first_refresh: int = Field(20000, ge=1, le=MAX_USERS, description="cap for first_refresh_all")
         use_demographics: bool = Field(False, description="put the user's attributes into the prompt")
-        history_items: int = Field(15, ge=1, description="most recent history items shown in the prompt")
-        n_claims: int = Field(3, ge=1, description="surrogate: claims per profile")
-        max_tokens: int | None = Field(80, ge=1, description="new tokens per profile (null: llm.generation)")
+        history_items: int = Field(15, ge=1, le=MAX_K, description="most recent history items shown in the prompt")
+        n_claims: int = Field(3, ge=1, le=MAX_K, description="surrogate: claims per profile")
+        max_tokens: int | None = Field(
+            80, ge=1, le=MAX_TOKENS, description="new tokens per profile (null: llm.generation)")
         item_noun: str = Field("movies", description="what the items are called in the prompt")
         prompt: str | None = Field(None, description="template with {history}, {demographics}, {noun}")
         embedder: Literal["minilm", "hashing"] = Field(
@@ -336,10 +339,11 @@ class LLMProfiler(Policy):
             description="embedding cache folder (default "
             "$RECLOOP_EMBED_CACHE or ~/.cache/recloop/embeddings)",
         )
-        embed_batch: int = Field(64, ge=1, description="texts per embedding batch")
+        embed_batch: int = Field(64, ge=1, le=MAX_SAMPLE, description="texts per embedding batch")
         project_dims: int | None = Field(
             32,
             ge=1,
+            le=MAX_DIM,
             description="principal directions of the item embeddings kept for scoring (null: all 384)",
         )
         tau_like: float = Field(0.2, ge=0.0, le=1.0, description="L-PROFHALL τ_like")
@@ -386,6 +390,13 @@ class LLMProfiler(Policy):
         self._lens = np.zeros(0)
         self._priors = np.zeros((1, 1))
         self._group = np.zeros(0, np.int64)
+
+    def preflight(self) -> None:
+        """Check that the embedding model a run will load is installed, without loading it (``recloop validate``)."""
+        if self.params.embedder == "minilm":
+            from .embedding import find_minilm
+
+            find_minilm()
 
     # -- embedding ----------------------------------------------------------------------------------
     @property
@@ -804,12 +815,14 @@ class LLMProfiler(Policy):
 
     def state_dict(self) -> dict[str, Any]:
         st = {k: copy.deepcopy(getattr(self, k)) for k in self._STATE}
+        st["texts"] = [[int(u), text] for u, text in self.texts.items()]  # checkpoints need str dict keys
         st["base"] = self.base.state_dict() if self.base is not None else None
         return st
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in self._STATE:
             setattr(self, k, copy.deepcopy(state[k]))
+        self.texts = {int(u): text for u, text in state["texts"]}
         if self.base is not None and state.get("base") is not None:
             self.base.load_state_dict(state["base"])
         self._factor_cache = None

@@ -52,6 +52,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from recloop import registry
+from recloop.limits import MAX_ITEMS, MAX_ITERATIONS, MAX_K, MAX_STEPS, MAX_USERS
 from recloop.recommenders.base import PROVENANCE, Policy, PolicyContext, TrainingData
 from recloop.registry import Params, register
 from recloop.sim.rng import component_rng, derive_key, hash_u64
@@ -85,67 +86,10 @@ def find_llm_roles(policy) -> list:
 
 
 def match_titles(matcher: TitleMatcher, titles: list[str]) -> list:
-    """``matcher.match(titles)`` with the fuzzy step batched: exact and memoised titles go through
-    :meth:`TitleMatcher.match_one`; the rest are scored against the whole catalog at once with
-    ``rapidfuzz.process.cdist`` (multi-threaded), and each one's ``shortlist`` best are rescored with
-    difflib (the score of record), ties to the lower item id, exactly as ``TitleMatcher`` does (up
-    to ties at the edge of the rapidfuzz shortlist). Results are memoised in the matcher."""
-    from .matching import Match, normalise_title, ratio
-
-    need = ("normalised", "_exact", "_cache", "shortlist", "threshold", "cache_size")
-    if not all(hasattr(matcher, a) for a in need) or len(titles) < 8:
-        return matcher.match(titles)
-    out: list = [None] * len(titles)
-    pending: dict[str, list[int]] = {}
-    exact, cache = matcher._exact, matcher._cache
-    for i, t in enumerate(titles):
-        norm = normalise_title(t)
-        if not norm:
-            out[i] = Match(-1, 0.0, False)
-        elif norm in exact:
-            # a year may pick one of several same-named items: let match_one decide then
-            out[i] = matcher.match_one(t) if "(" in t else Match(exact[norm], 1.0, True)
-        elif norm in cache:
-            out[i] = cache[norm]
-        else:
-            pending.setdefault(norm, []).append(i)
-    if pending:
-        from rapidfuzz import fuzz, process
-
-        cat = matcher.normalised
-        qs = list(pending)
-        sl = min(matcher.shortlist, len(cat))
-        for lo in range(0, len(qs), 64):
-            block = qs[lo : lo + 64]
-            S = process.cdist(block, cat, scorer=fuzz.ratio, dtype=np.float32, workers=-1)
-            top = (
-                np.argpartition(-S, sl - 1, axis=1)[:, :sl]
-                if sl < len(cat)
-                else np.tile(np.arange(len(cat)), (len(block), 1))
-            )
-            for q, norm in enumerate(block):
-                best_item, best = -1, -1.0
-                # descending rapidfuzz score: an Indel ratio is an upper bound on the difflib ratio, so
-                # stop once the bound falls below the best difflib score found (exact, fewer rescorings)
-                cands = sorted(top[q].tolist(), key=lambda j, row=S[q]: (-row[j], j))
-                for idx in cands:
-                    if S[q, idx] / 100.0 + 1e-6 < best:
-                        break
-                    sc = ratio(norm, cat[idx])
-                    if sc > best or (sc == best and idx < best_item):
-                        best_item, best = idx, sc
-                hit = (
-                    Match(best_item, best, False)
-                    if best >= matcher.threshold
-                    else Match(-1, max(best, 0.0), False)
-                )
-                if matcher.cache_size > 0:
-                    if len(matcher._cache) >= matcher.cache_size:
-                        matcher._cache.clear()
-                    matcher._cache[norm] = hit
-                for i in pending[norm]:
-                    out[i] = hit
-    return out
+    """``matcher.match(titles)``: exact and memoised titles are looked up; the rest are bounded against the
+    whole catalog in one ``rapidfuzz.process.cdist`` batch and resolved exactly to the difflib-best title
+    (the score of record), ties to the lower item id (see :mod:`.matching`). Results are memoised."""
+    return matcher.match(titles)
 
 
 def _topk_lex(key: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray:
@@ -225,18 +169,18 @@ class LLMAugmented(Policy):
             description="the policy trained on the augmented log ({type: ..., ...})",
         )
         users_per_cycle: int = Field(
-            100, ge=0, description="users asked per retrain (seeded by (seed, step))"
+            100, ge=0, le=MAX_USERS, description="users asked per retrain (seeded by (seed, step))"
         )
-        n: int = Field(10, ge=1, description="titles asked per user")
-        candidates: int = Field(40, ge=1, description="candidate pool shown per user (unconsumed items)")
+        n: int = Field(10, ge=1, le=MAX_K, description="titles asked per user")
+        candidates: int = Field(40, ge=1, le=MAX_K, description="candidate pool shown per user (unconsumed items)")
         cold_share: float = Field(0.3, ge=0.0, le=1.0, description="share of the pool drawn from cold items")
-        history_len: int = Field(10, ge=0, description="history titles shown per user (a seeded sample)")
+        history_len: int = Field(10, ge=0, le=MAX_K, description="history titles shown per user (a seeded sample)")
         unmatched: Literal["drop", "phantom"] = Field(
             "drop", description="unmatched titles: dropped, or entered as phantom catalog items"
         )
         threshold: float = Field(0.7, gt=0.0, le=1.0, description="L-HALL tau for title matching")
-        every: int = Field(1, ge=1, description="augment at every n-th retrain")
-        max_phantoms: int = Field(100_000, ge=0, description="cap on phantom items created in a run")
+        every: int = Field(1, ge=1, le=MAX_STEPS, description="augment at every n-th retrain")
+        max_phantoms: int = Field(100_000, ge=0, le=MAX_ITEMS, description="cap on phantom items created in a run")
         prompt: str | None = Field(None, description="prompt template with {history}, {candidates}, {n}")
 
         @field_validator("base")
@@ -668,14 +612,16 @@ class LLMRank:
         mode: Literal["generate", "loglik"] = Field(
             "generate", description="generate a ranking and parse it, or score each title's log-likelihood"
         )
-        max_candidates: int = Field(20, ge=2, description="candidates presented to the LLM")
-        users_per_cycle: int | None = Field(200, ge=0, description="users re-ranked per cycle (null: all)")
+        max_candidates: int = Field(20, ge=2, le=MAX_K, description="candidates presented to the LLM")
+        users_per_cycle: int | None = Field(
+            200, ge=0, le=MAX_USERS, description="users re-ranked per cycle (null: all)")
         shuffles: int = Field(
             0,
             ge=0,
+            le=MAX_ITERATIONS,
             description="B random candidate permutations aggregated by Borda (0: the base order, once)",
         )
-        history_len: int = Field(10, ge=0, description="history titles in the prompt")
+        history_len: int = Field(10, ge=0, le=MAX_K, description="history titles in the prompt")
         prompt: str | None = Field(None, description="template with {history}, {candidates}, {m}")
 
     DEFAULT_PROMPT = (

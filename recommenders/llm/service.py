@@ -41,6 +41,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from recloop import registry
+from recloop.limits import MAX_BUDGET, MAX_SAMPLE, MAX_TOKENS, Seed
 from recloop.registry import Params
 
 from .cache import Budget, CachedBackend
@@ -78,18 +79,18 @@ class BudgetConfig(Params):
     """Limits on calls to the model (cache hits are free); ``null`` = unlimited. Once spent, further
     requests fail with reason ``budget`` and the roles take their fallbacks; the run goes on."""
 
-    max_calls: int | None = Field(None, ge=0, description="requests sent to the model")
-    max_tokens: int | None = Field(None, ge=0, description="prompt + completion tokens")
+    max_calls: int | None = Field(None, ge=0, le=MAX_BUDGET, description="requests sent to the model")
+    max_tokens: int | None = Field(None, ge=0, le=MAX_BUDGET, description="prompt + completion tokens")
     max_cost_usd: float | None = Field(None, ge=0, description="cost (paid endpoints)")
 
 
 class GenerationConfig(Params):
     """Decoding parameters for every generation request."""
 
-    max_tokens: int = Field(64, ge=1, description="new tokens per answer")
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS, description="new tokens per answer")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, description="decoding seed; default: the run seed")
+    seed: Seed | None = Field(None, description="decoding seed; default: the run seed")
 
 
 class LLMConfig(Params):
@@ -111,8 +112,9 @@ class LLMConfig(Params):
     timeout_s: float | None = Field(
         None, gt=0, description="per-request time limit (passed to HTTP backends; slower answers = timeout)"
     )
-    max_output_chars: int = Field(2000, ge=1, description="longer answers count as too_long failures")
-    max_failure_log: int = Field(2000, ge=0, description="failure lines written per run (all are counted)")
+    max_output_chars: int = Field(2000, ge=1, le=MAX_TOKENS, description="longer answers count as too_long failures")
+    max_failure_log: int = Field(
+        2000, ge=0, le=MAX_SAMPLE, description="failure lines written per run (all are counted)")
 
     @field_validator("backend")
     @classmethod
@@ -353,7 +355,8 @@ class LLMService:
 
     def bind_world(self, world) -> None:
         """Follow the live world (a resumed run replaces the world object with the checkpoint's): the
-        catalog fingerprint and the surrogate's catalog titles come from it."""
+        catalog fingerprint comes from it, and so does the surrogate's catalog, cut to the size it was
+        built with (as in an uninterrupted run, later phantom or creator items stay unknown to it)."""
         if world is None or world is self.world:
             return
         self.world = world
@@ -361,7 +364,7 @@ class LLMService:
         from .surrogate import SurrogateLLM
 
         if isinstance(self.inner, SurrogateLLM):
-            self.inner.titles = world.items.titles
+            self.inner.bind_catalog(world.items.titles)
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -614,12 +617,15 @@ class LLMService:
         return {"llm": self.accounting}
 
     def state_dict(self) -> dict[str, Any]:
+        """Accounting, failure-log count and the backend's own state (the surrogate's catalog digest and
+        fabricated-title pools: they shape later answers, so a resume must not rebuild them differently)."""
         acc = self.accounting
-        return {"accounting": acc, "logged": self.logged}
+        save = getattr(self.inner, "state_dict", None)
+        return {"accounting": acc, "logged": self.logged, "backend": save() if callable(save) else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the totals of a checkpoint: the model's counters continue from them (the budget
-        too: calls spent before the checkpoint stay spent)."""
+        too: calls spent before the checkpoint stay spent), and the backend's state (the bound world first)."""
         acc = state.get("accounting") or {}
         a = self.backend.accounting
         with a._lock:
@@ -638,6 +644,9 @@ class LLMService:
         self.malformed = {**dict.fromkeys(MALFORMED_REASONS, 0), **(acc.get("malformed") or {})}
         self.roles = copy.deepcopy(acc.get("roles") or {})
         self.logged = int(state.get("logged", 0))
+        load = getattr(self.inner, "load_state_dict", None)
+        if state.get("backend") is not None and callable(load):
+            load(state["backend"])
 
     def close(self) -> None:
         self.backend.close()
