@@ -307,6 +307,55 @@ def test_r3_users_not_served_keep_the_base_order(tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_creator_items_unknown_to_the_surrogate_are_named_and_ranked(tmp_path, monkeypatch):
+    """Items creators add during the run are not in the surrogate's built catalog: R1 names them from the
+    prompt's titles and R3 ranks them, with no backend errors (before: an IndexError per affected request)."""
+    import re
+
+    from recloop.recommenders.llm.parsing import parse_ranking
+    from recloop.recommenders.llm.surrogate import SurrogateLLM
+
+    seen: list[tuple[SurrogateLLM, LLMRequest, LLMResponse]] = []
+    generate = SurrogateLLM.generate
+
+    def spy(self, requests, params=None):
+        out = generate(self, requests, params)
+        seen.extend((self, q, r) for q, r in zip(requests, out, strict=True))
+        return out
+
+    monkeypatch.setattr(SurrogateLLM, "generate", spy)
+    r3 = copy.deepcopy(R3)
+    r3["retrieval"] = {"type": "random"}  # new items reach the re-ranker's candidates
+    policies = {"r1": {**R1, "cold_share": 0.5}, "r3": r3}
+    if HAVE_PROFILER:
+        policies["r2"] = {"type": "llm_profiler", "base": {"type": "als", "factors": 8}, "refresh_every": 2}
+    world = {"type": "chaney", "n_users": 120, "n_items": 150, "dim": 8, "n_creators": 10}
+    sc = scenario(policies, world=world, creators={"type": "trecs", "creation_prob": 0.3})
+    out = tmp_path / "run"
+    run_scenario(sc, out, progress=False)
+    llm = manifest(out)["llm"]
+    assert llm["malformed"]["backend_error"] == 0 and llm["failures"] == 0, llm["malformed"]
+    assert not (out / "llm_failures.jsonl").exists()
+    assert all(not r.failed for _, _, r in seen)
+    known = {id(m): set(m.titles) for m, _, _ in seen}
+    # R1: some answers name a candidate created after the model was built (read off the request)
+    named_new = 0
+    for m, q, r in seen:
+        if q.task == "augment":
+            new = set(q.payload["candidate_titles"]) - known[id(m)]
+            named_new += any(line.split(". ", 1)[1] in new for line in r.text.splitlines())
+    assert named_new > 0
+    # R3: rank requests that show new items are answered with a full ranking
+    ranked_new = 0
+    for m, q, r in seen:
+        if q.task == "rank":
+            shown = re.findall(r"^\[\d+\] (.*)$", q.prompt, flags=re.M)
+            ranking = parse_ranking(r.text, len(shown))
+            assert ranking is not None and sorted(ranking) == list(range(len(shown)))
+            ranked_new += bool(set(shown) - known[id(m)])
+    assert ranked_new > 0
+
+
 def test_r3_shuffles_and_loglik_mode_with_surrogate(tmp_path):
     from recloop.sim.model import FeedbackLoop
 

@@ -235,6 +235,51 @@ def test_grown_catalog_extends_pool(catalog: dict) -> None:
     assert all(not m.matched for m in full.match(pool3.fabricated))
 
 
+def test_candidates_unknown_to_the_built_catalog(catalog: dict) -> None:
+    """Items added after the model was built (creator items): named from the request's ``candidate_titles``
+    like titles a real model reads off the prompt, never picked without them, never an IndexError; requests
+    with known candidates only are unchanged, and rank requests rank any candidate."""
+    titles = catalog["titles"]
+    n0 = 300  # the model knows titles[:n0]; ids n0.. are new
+    s = SurrogateLLM(SurrogateParams(h=0.0, seed=3), titles=titles[:n0])
+    cands = np.array([5, 7, n0 + 3, n0 + 50, 9])
+    pl = {"candidates": cands, "relevance": [0.0, 0.0, 60.0, 50.0, 0.0], "n": 3, "seed": 1,
+          "candidate_titles": [titles[i] for i in cands]}
+    res = s.generate([LLMRequest("p", "augment", pl)], GP)[0]
+    assert not res.failed and parse_title_list(res.text, 10)[:2] == [titles[n0 + 3], titles[n0 + 50]]
+    bare = {k: v for k, v in pl.items() if k != "candidate_titles"}  # cannot be named: never picked
+    res = s.generate([LLMRequest("p", "augment", bare)], GP)[0]
+    assert not res.failed and set(parse_title_list(res.text, 10)) == {titles[5], titles[7], titles[9]}
+    bad = s.generate([LLMRequest("p", "augment", {**pl, "candidate_titles": ["x"]})], GP)[0]
+    assert bad.failed and "candidate_titles" in bad.error
+    # near-misses of a new title match the new item in the grown catalog, never a known one by mistake
+    hs = SurrogateLLM(SurrogateParams(h=1.0, eps_near=1.0, seed=3), titles=titles[:n0])
+    reqs = [LLMRequest("p", "augment", {**pl, "relevance": [0.0, 0.0, 60.0, 0.0, 0.0], "n": 1, "seed": i})
+            for i in range(20)]
+    got = [TitleMatcher(titles).match(parse_title_list(r.text, 5))[0] for r in hs.generate(reqs, GP)]
+    assert all(m.matched and m.item == n0 + 3 for m in got)
+    # known candidates only: the same text with or without candidate_titles, alone or batched with new items
+    rng = np.random.default_rng(5)
+    known = [LLMRequest("p", "augment", {"candidates": rng.choice(n0, 40, replace=False), "relevance":
+                                         rng.normal(size=40), "n": 6, "seed": i}) for i in range(12)]
+    with_ct = [LLMRequest("p", "augment", {**r.payload, "candidate_titles": [titles[i] for i in
+                                                                            r.payload["candidates"]]})
+               for r in known]
+    new = rng.choice(np.arange(n0, len(titles)), 40, replace=False)
+    grown = [LLMRequest("p", "augment", {"candidates": new, "candidate_titles": [titles[i] for i in new],
+                                         "relevance": rng.normal(size=40), "n": 6, "seed": 99 + i})
+             for i in range(3)]
+    mk = lambda: SurrogateLLM(SurrogateParams(h=0.3, seed=3), titles=titles[:n0])  # noqa: E731
+    base = [r.text for r in mk().generate(known, GP)]
+    mixed = mk().generate(with_ct + grown, GP)
+    assert [r.text for r in mixed[: len(known)]] == base and not any(r.failed for r in mixed)
+    assert [r.text for r in mixed[len(known):]] == [mk().generate([r], GP)[0].text for r in grown]
+    named = TitleMatcher(titles).match([t for r in mixed[len(known):] for t in parse_title_list(r.text, 10)])
+    assert {m.item for m in named if m.matched} & set(new.tolist())
+    rank = s.generate([LLMRequest("p", "rank", {"relevance": np.arange(5.0), "candidates": cands, "seed": 2})], GP)
+    assert sorted(parse_ranking(rank[0].text, 5)) == list(range(5))
+
+
 # --------------------------------------------------------------------------------------------
 # rank and profile tasks
 # --------------------------------------------------------------------------------------------

@@ -355,15 +355,17 @@ class LLMAugmented(Policy):
             h = hist[ptr[r] : ptr[r + 1]]
             pool = pools[r]
             shown = h if len(h) <= p.history_len else rng.choice(h, size=p.history_len, replace=False)
+            pool_titles = [titles[i] for i in pool.tolist()]
             prompt = template.format(
                 history=_titles_line([titles[i] for i in shown.tolist()]) or "(no history yet)",
-                candidates=_titles_line([titles[i] for i in pool.tolist()]),
+                candidates=_titles_line(pool_titles),
                 n=p.n,
             )
             payload: dict[str, Any] = {}
             if svc.uses_payload:
                 payload = {
                     "candidates": pool,
+                    "candidate_titles": pool_titles,  # as in the prompt: the surrogate names items it never saw
                     "relevance": rel_all[r, : len(pool)],
                     "popularity": pop[pool],
                     "n": p.n,

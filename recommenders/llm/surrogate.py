@@ -11,16 +11,23 @@ Tasks and payloads (arrays may be lists or numpy arrays):
     ``candidates`` (item ids the LLM may pick from, usually unconsumed items), ``relevance``
     (aligned floats, default 0), ``popularity`` (aligned phi, default 0), ``n`` (slots, default 10),
     ``titles`` (the catalog title list, or a callable id -> title together with ``n_items``; default:
-    the ``titles`` given to the constructor), optional ``exclude`` (item ids never to output) and
+    the ``titles`` given to the constructor), optional ``candidate_titles`` (aligned strings: the titles
+    the prompt shows for the candidates), optional ``exclude`` (item ids never to output) and
     ``seed`` (per-(step, user) int). Output: ``"1. Title\\n2. Title\\n..."``. Per slot: with prob h a
     hallucination - with prob eps_near a near-miss (a real candidate's title with 1-2 character edits,
     difflib ratio >= 0.7 to it, never an exact catalog title), else a fabricated title (token
     recombination, checked to be < 0.7 to every title); otherwise the next item of a Plackett-Luce
     draw without replacement with weights exp(rel/tau_s) * (1+phi)^beta.
+    Unknown items: the model knows the catalog it was built with (ids ``0 .. len(catalog)-1``); a
+    candidate outside it (an item a creator added later) is weighted like any other, and when picked
+    its title is read from ``candidate_titles``, as a real model reads a title it has never seen off
+    the prompt (near-misses then edit that title). Without ``candidate_titles`` such a candidate
+    cannot be named and is never picked (as if excluded); the catalog is never indexed past its end.
 ``"rank"`` (F-RANK reranking)
     ``relevance``, ``popularity`` (aligned with the candidates as presented, position 1 first),
     optional ``n`` (how many to output, default all), ``seed``. score_j = rel_j/tau_s + rho*log(1/pos_j)
-    + beta*log(1+phi_j); Plackett-Luce sample; output ``"3, 1, 2, ..."`` (1-based positions).
+    + beta*log(1+phi_j); Plackett-Luce sample; output ``"3, 1, 2, ..."`` (1-based positions). No title
+    or item id is read, so candidates unknown to the catalog are ranked like any other.
 ``"profile"`` (F-PROFILE)
     ``history_genre_shares``, ``genre_prior`` (arrays over genres), ``genres`` (names),
     ``n_claims`` (default 3), ``seed``. Each claim is drawn from the user's shares with prob 1-h_p,
@@ -56,6 +63,8 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from recloop.limits import Seed
 
 from .matching import TitleMatcher, normalise_title, ratio, split_year
 from .types import GenerationParams, LLMBackend, LLMRequest, LLMResponse, as_requests
@@ -103,7 +112,7 @@ class SurrogateParams(_ParamsBase):
     rho: float = 0.3
     h_p: float = Field(0.2, ge=0.0, le=1.0)
     eps_near: float = Field(0.3, ge=0.0, le=1.0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,9 +190,20 @@ def _fingerprint(titles: Sequence[str], n: int | None = None) -> tuple[Any, ...]
 
 
 class _CatalogPool:
-    """Per-catalog material: the matcher (exact lookup, far-check) and a pool of fabricated titles."""
+    """Per-catalog material: the matcher (exact lookup, far-check) and a pool of fabricated titles.
 
-    def __init__(self, titles: Sequence[str], size: int, seed: int, threshold: float) -> None:
+    The pool depends on how the catalog grew (:meth:`extend` filters and tops it up), not only on the
+    titles, so a checkpoint keeps it: ``fabricated`` restores a saved pool instead of building one.
+    """
+
+    def __init__(
+        self,
+        titles: Sequence[str],
+        size: int,
+        seed: int,
+        threshold: float,
+        fabricated: Sequence[str] | None = None,
+    ) -> None:
         self.titles = [str(t) for t in titles]
         self.size = int(size)
         self.seed = int(seed)
@@ -192,7 +212,10 @@ class _CatalogPool:
         self.matcher = TitleMatcher(self.titles, threshold=threshold)
         self._near: dict[str, tuple[str, ...]] = {}
         self.fabricated: list[str] = []
-        self._fabricate(self.size, round_offset=0)
+        if fabricated is not None:
+            self.fabricated = [str(f) for f in fabricated]
+        else:
+            self._fabricate(self.size, round_offset=0)
 
     def extend(self, new_titles: Sequence[str]) -> None:
         """Append titles (a growing catalog): re-check the fabricated pool against the new titles only."""
@@ -430,7 +453,69 @@ class SurrogateLLM(LLMBackend):
             self._pools.popitem(last=False)
         return pool
 
-    def _catalog(self, payload: Mapping[str, Any]) -> tuple[Callable[[int], str], _CatalogPool]:
+    # -- catalog binding and checkpoints ------------------------------------------------------
+    def bind_catalog(self, titles: Sequence[str]) -> None:
+        """Take the constructor catalog from ``titles`` (a resumed run's world), keeping its size.
+
+        The model knows the catalog it was built with, not the phantom or creator items appended to
+        the world later; a resumed world starts with the same titles, so the model keeps exactly the
+        catalog an uninterrupted run has (binding the grown list would change every later answer).
+        """
+        n = len(titles) if self.titles is None else min(len(self.titles), len(titles))
+        self.titles = [str(t) for t in titles[:n]]
+        self._last = None
+
+    @staticmethod
+    def _digest(titles: Sequence[str]) -> str:
+        h = hashlib.sha256()
+        for t in titles:
+            h.update(str(t).encode("utf-8", "replace") + b"\x00")
+        return h.hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The constructor catalog (size and digest, to verify) and its fabricated-title pools.
+
+        A pool depends on the sizes its catalog had when it was used (each growth filters and tops it
+        up), which a rebuild from a resumed catalog cannot reproduce; so each pool of a prefix of
+        ``titles`` is saved as that prefix's length and its fabricated titles. Pools of other
+        catalogs (payload title lists) are not saved: they are rebuilt on use.
+        """
+        titles = self.titles if self.titles is not None and not callable(self.titles) else None
+        pools = []
+        if titles is not None:
+            for pool in self._pools.values():
+                n = len(pool.titles)
+                if n <= len(titles) and all(a == str(b) for a, b in zip(pool.titles, titles[:n], strict=True)):
+                    pools.append({"n_titles": n, "fabricated": list(pool.fabricated)})
+        return {
+            "n_titles": None if titles is None else len(titles),
+            "digest": None if titles is None else self._digest(titles),
+            "pools": pools,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` over the bound catalog (bind it first); ValueError if it differs."""
+        titles = self.titles if self.titles is not None and not callable(self.titles) else None
+        n_saved = state.get("n_titles")
+        if n_saved is not None and (
+            titles is None or len(titles) != int(n_saved) or self._digest(titles) != state.get("digest")
+        ):
+            raise ValueError("SurrogateLLM: the checkpoint's catalog differs from this run's")
+        self._pools.clear()
+        self._callable_catalogs.clear()
+        self._last = None
+        for st in state.get("pools") or []:
+            n = int(st["n_titles"])
+            if titles is None or n > len(titles):
+                raise ValueError(f"SurrogateLLM: a saved title pool covers {n} titles, the catalog has fewer")
+            pool = _CatalogPool(
+                titles[:n], self.pool_size, self.params.seed, self.threshold, fabricated=st["fabricated"]
+            )
+            self._pools[(pool.fingerprint, self.params.seed, self.pool_size, self.threshold)] = pool
+
+    def _catalog(self, payload: Mapping[str, Any]) -> tuple[Callable[[int], str], _CatalogPool, int]:
+        """``(title_of, pool, n_known)``: the title lookup, the catalog's pool, and how many items the
+        model knows (ids ``0 .. n_known-1``; ``title_of`` is only called on those)."""
         t = payload.get("titles", None)
         if t is None:
             if self.titles is None:
@@ -438,7 +523,7 @@ class SurrogateLLM(LLMBackend):
             t = self.titles
         last = self._last
         if last is not None and last[0] is t and last[1] == len(t) and last[3] is self.params:
-            return last[2], last[4]
+            return last[2], last[4], last[1]
         if callable(t):
             fn = t
             if self.titles is not None:
@@ -460,11 +545,11 @@ class SurrogateLLM(LLMBackend):
                 return str(fn(int(i)))
 
             self._last = None  # the callable's catalog size can change: no fast path
-            return title_of, pool
+            return title_of, pool, len(catalog)
         pool = self.pool_for(t)
         title_of = pool.titles.__getitem__
         self._last = (t, len(t), title_of, self.params, pool)
-        return title_of, pool
+        return title_of, pool, len(t)
 
     # -- seeding -----------------------------------------------------------------------------
     def request_rng(self, request: LLMRequest) -> np.random.Generator:
@@ -491,13 +576,14 @@ class SurrogateLLM(LLMBackend):
         """Augment/recommend texts for payloads sharing the candidate count, ``n`` and the catalog.
 
         Vectorised over the batch; each row uses only its own generator, so a request's text is the
-        same whatever batch it is in.
+        same whatever batch it is in. Candidates outside the known catalog take their title from the
+        row's ``candidate_titles``, or are masked out without it (module docstring, "Unknown items").
         """
         p = self.params
         b = len(payloads)
         m = int(np.asarray(payloads[0].get("candidates", ())).size)
         n = int(payloads[0].get("n", 10))
-        title_of, pool = self._catalog(payloads[0])
+        title_of, pool, n_known = self._catalog(payloads[0])
         # one draw per request, in a fixed layout -> the stream never depends on branch outcomes
         u = np.empty((b, 4 * n + m))
         for r, g in enumerate(rngs):
@@ -507,11 +593,23 @@ class SurrogateLLM(LLMBackend):
         n_items = n - fabricated.sum(axis=1)
         kmax = int(n_items.max()) if b else 0
         picked: list[list[int]] = [[] for _ in range(b)]
+        named: list[list[str] | None] = [None] * b  # picked titles of rows with unknown candidates
         if m and kmax > 0:
             cands = np.empty((b, m), dtype=np.int64)
             for r, pl in enumerate(payloads):
                 cands[r] = np.asarray(pl.get("candidates", ()), dtype=np.int64).ravel()
             logits = self._logits_batch(payloads, m)
+            unknown = (cands < 0) | (cands >= n_known)
+            shown: dict[int, list[str]] = {}  # row -> candidate_titles, for rows with unknown candidates
+            for r in np.flatnonzero(unknown.any(axis=1)).tolist():
+                ct = payloads[r].get("candidate_titles")
+                if ct is None:
+                    logits[r, unknown[r]] = -np.inf  # cannot be named: never picked
+                    continue
+                ct = [str(x) for x in ct]
+                if len(ct) != m:
+                    raise ValueError(f"SurrogateLLM: 'candidate_titles' has {len(ct)} entries, expected {m}")
+                shown[r] = ct
             excl = [pl.get("exclude") for pl in payloads]
             for r, ex in enumerate(excl):
                 if ex is not None:
@@ -536,20 +634,23 @@ class SurrogateLLM(LLMBackend):
                 picked[r] = (
                     row if all(ok_l[r][: len(row)]) else [c for c, o in zip(row, ok_l[r], strict=False) if o]
                 )
+            for r, ct in shown.items():
+                pos = [q for q, o in zip(order[r, : int(n_items[r])].tolist(), ok_l[r], strict=False) if o]
+                named[r] = [ct[q] if unknown[r, q] else title_of(int(cands[r, q])) for q in pos]
         hall_l, fab_l, extra_l = hall.tolist(), fabricated.tolist(), u[:, 2 * n : 4 * n].tolist()
         n_fab = len(pool.fabricated)
         texts = []
         for r in range(b):
             lines: list[str] = []
             nxt = 0
-            hall_r, fab_r, extra, pk = hall_l[r], fab_l[r], extra_l[r], picked[r]
+            hall_r, fab_r, extra, pk, nm = hall_l[r], fab_l[r], extra_l[r], picked[r], named[r]
             for s in range(n):
                 if fab_r[s]:
                     title = pool.fabricated[int(extra[s] * n_fab)]
                 else:
                     if nxt >= len(pk):
                         continue  # candidates exhausted
-                    title = title_of(pk[nxt])
+                    title = title_of(pk[nxt]) if nm is None else nm[nxt]
                     nxt += 1
                     if hall_r[s]:
                         variants = pool.near_misses(title)
