@@ -26,6 +26,7 @@ from recloop import __version__
 from recloop.errors import RecloopInputError
 from recloop.sim.checkpoint import CheckpointError
 from recloop.sim.config import load_scenario, validate_mapping
+from recloop.sim.memory import release_freed_memory
 from recloop.sim.preflight import check_scenario
 from recloop.sim.store import DiskFullError, RunStore, atomic_write_text, check_keys, is_disk_full, run_key
 
@@ -89,6 +90,7 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
 
     def flush(last: int) -> None:
         nonlocal first
+        release_freed_memory()  # RSS tracks what the run holds, not what glibc kept after frees
         rss_samples.append([last, round(proc.memory_info().rss / 2**20, 1)])
         if buf["step"]:
             store.write_part(key, first, last, buf)
@@ -140,7 +142,7 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
     if svc is not None:
         entry["llm"] = svc.accounting
     elif scenario.llm is not None:  # an LLM scenario: runs without an LLM stage report zeros
-        from recloop.recommenders.llm.service import empty_accounting
+        from recloop.recommenders.llm.accounting import empty_accounting
 
         entry.setdefault("llm", empty_accounting())
     return entry
@@ -307,7 +309,7 @@ def _finish(store: RunStore, manifest: dict) -> None:
     manifest["timings"] = _aggregate(manifest["runs"])
     llm_runs = [r["llm"] for r in manifest["runs"].values() if isinstance(r.get("llm"), dict)]
     if llm_runs:
-        from recloop.recommenders.llm.service import sum_accounting
+        from recloop.recommenders.llm.accounting import sum_accounting
 
         manifest["llm"] = sum_accounting(llm_runs)
     store.write_manifest(manifest)
