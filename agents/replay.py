@@ -8,7 +8,7 @@ recommender alone decides what enters the training log, and the real data decide
 
 This is registered as the choice model ``replay`` and works on data-set worlds only (``movielens``,
 ``interactions_csv``), whose generator exposes the real timestamps
-(:meth:`recloop.sim.generators._DataSetWorld.timeline`). The behavioural alternative is an ordinary
+(:meth:`recloop.sim.worlds._DataSetWorld.timeline`). The behavioural alternative is an ordinary
 choice model such as ``mnl`` (see ``scenarios/echotrace-ml100k-behavioural.yaml``).
 
 Choices (ours where the paper's code leaves them open):

@@ -8,7 +8,6 @@ alike, per cycle or cumulatively. Empty inputs give NaN rates rather than errors
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,6 +15,8 @@ from typing import Any
 
 import numpy as np
 from scipy import optimize, stats
+
+from recloop.analysis.llm_lexicon import demographic_supported, side_words, tokens
 
 __all__ = [
     "hallucination_stats",
@@ -106,79 +107,6 @@ def hallucination_stats(
 # L-PROFHALL
 # --------------------------------------------------------------------------------------------
 
-_GENDER_SYN = {
-    "female": "female",
-    "woman": "female",
-    "women": "female",
-    "girl": "female",
-    "lady": "female",
-    "mother": "female",
-    "wife": "female",
-    "f": "female",
-    "male": "male",
-    "man": "male",
-    "men": "male",
-    "boy": "male",
-    "guy": "male",
-    "gentleman": "male",
-    "father": "male",
-    "husband": "male",
-    "m": "male",
-}
-_AGE_BANDS = {
-    "teen": (13, 19),
-    "teens": (13, 19),
-    "teenager": (13, 19),
-    "teenage": (13, 19),
-    "adolescent": (12, 19),
-    "young": (0, 30),
-    "youth": (0, 25),
-    "student": (15, 30),
-    "millennial": (25, 45),
-    "middle-aged": (40, 65),
-    "elderly": (65, 200),
-    "senior": (60, 200),
-    "retired": (55, 200),
-    "retiree": (55, 200),
-    "boomer": (55, 200),
-}
-
-
-def _side_words(side_info: Mapping[str, Any] | Iterable[str] | None) -> tuple[set[str], float | None]:
-    words: set[str] = set()
-    age: float | None = None
-    if side_info is None:
-        return words, age
-    values = side_info.items() if isinstance(side_info, Mapping) else ((None, v) for v in side_info)
-    for key, v in values:
-        if key is not None and str(key).lower() == "age":
-            try:
-                age = float(v)
-                continue
-            except (TypeError, ValueError):
-                pass
-        w = str(v).strip().lower()
-        words.add(w)
-        words.add(_GENDER_SYN.get(w, w))
-    return words, age
-
-
-def _demographic_supported(word: str, words: set[str], age: float | None) -> bool:
-    w = word.lower()
-    if w in words or _GENDER_SYN.get(w, w) in words:
-        return True
-    if age is not None:
-        m = re.fullmatch(r"age(\d+)", w)
-        if m is not None:
-            a = float(m.group(1))
-            # "in their 30s" is parsed as age30: accept the decade; an exact age accepts +-2 years
-            return (a % 10 == 0 and a <= age < a + 10) or abs(a - age) <= 2
-        band = _AGE_BANDS.get(w)
-        if band is not None:
-            return band[0] <= age <= band[1]
-    return False
-
-
 def profile_hallucination(
     claims: Sequence[tuple[str, str]],
     genre_shares: Sequence[float] | np.ndarray,
@@ -221,13 +149,13 @@ def profile_hallucination(
             elif g in index or str(g).lower() in index:
                 low.add(index.get(g, index.get(str(g).lower(), -1)))
     pri = None if prior is None else np.asarray(prior, dtype=float)
-    words, age = _side_words(side_info)
+    words, age = side_words(side_info)
     n = sup = stereo = 0
     for pol, val in claims:
         n += 1
         pol = str(pol).lower()
         if pol == "claims" or str(val).startswith("demographic:"):
-            if _demographic_supported(str(val).split(":", 1)[-1], words, age):
+            if demographic_supported(str(val).split(":", 1)[-1], words, age):
                 sup += 1
             continue
         k = index.get(val, index.get(str(val).lower()))
@@ -474,12 +402,6 @@ def jsd_from_samples(samples_a: Iterable[Any], samples_b: Iterable[Any], base: f
     return jsd([ca[k] for k in keys], [cb[k] for k in keys], base=base)
 
 
-_WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-
-
-def _tokens(text: str) -> list[str]:
-    return _WORD_RE.findall(text.lower())
-
 
 def marked_words(
     texts_a: Iterable[str],
@@ -505,9 +427,9 @@ def marked_words(
     ya: Counter[str] = Counter()
     yb: Counter[str] = Counter()
     for t in texts_a:
-        ya.update(_tokens(t))
+        ya.update(tokens(t))
     for t in texts_b:
-        yb.update(_tokens(t))
+        yb.update(tokens(t))
     vocab = sorted(set(ya) | set(yb))
     if not vocab:
         return []
@@ -521,7 +443,7 @@ def marked_words(
         else:
             bg = Counter()
             for t in background:
-                bg.update(_tokens(t))
+                bg.update(tokens(t))
         alpha = alpha + np.array([bg[w] for w in vocab], dtype=float)
     a_cnt = np.array([ya[w] for w in vocab], dtype=float)
     b_cnt = np.array([yb[w] for w in vocab], dtype=float)

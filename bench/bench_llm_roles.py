@@ -65,7 +65,7 @@ def _instrument() -> None:
     """Count the CPU time spent inside the LLM stages (R1 ``augment``, R3 ``rerank``) and the LLM
     metric components, so the overhead can also be read directly (robust to machine load)."""
     from recloop.analysis import llm_collectors as C
-    from recloop.recommenders.llm import roles
+    from recloop.recommenders.llm import role_augment, role_rank
 
     def wrap(cls, name):
         f = getattr(cls, name)
@@ -79,8 +79,8 @@ def _instrument() -> None:
 
         setattr(cls, name, g)
 
-    wrap(roles.LLMAugmented, "augment")
-    wrap(roles.LLMRank, "rerank")
+    wrap(role_augment.LLMAugmented, "augment")
+    wrap(role_rank.LLMRank, "rerank")
     for cls in (C.LLMGeneration, C.LLMRecommendation, C.LLMFeedback):
         wrap(cls, "compute")
 

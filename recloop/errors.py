@@ -81,7 +81,10 @@ def closest(word: str, options: Iterable[str]) -> str | None:
     if hits:
         return hits[0]
     low = {o.lower(): o for o in options}
-    return low.get(word.lower())
+    if word.lower() in low:
+        return low[word.lower()]
+    prefixed = sorted(o for o in options if word and o.lower().startswith(word.lower()))
+    return prefixed[0] if prefixed else None  # 'gini' -> 'gini_consumption' (a start of a longer id)
 
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:

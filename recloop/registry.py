@@ -55,7 +55,7 @@ _LOADED = {"builtins": False, "plugins": False}
 
 # Modules whose import registers the built-in components.
 BUILTIN_MODULES = (
-    "recloop.sim.generators",
+    "recloop.sim.worlds",
     "recloop.agents.choice",
     "recloop.agents.dynamics",
     "recloop.agents.population",
@@ -67,9 +67,12 @@ BUILTIN_MODULES = (
     "recloop.recommenders.pipeline",
     "recloop.recommenders.rerankers",
     "recloop.analysis.collectors",
-    "recloop.recommenders.llm.roles",
+    "recloop.analysis.user_collectors",
+    "recloop.recommenders.llm.role_augment",
+    "recloop.recommenders.llm.role_rank",
     "recloop.analysis.llm_collectors",
-    "recloop.recommenders.llm.profiler",
+    "recloop.recommenders.llm.role_profile",
+    "recloop.recommenders.llm.profile_metrics",
 )
 
 

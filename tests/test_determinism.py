@@ -11,7 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recloop.sim.engine import CALLBACK_ROWS, TILE_ROWS, ScoringEngine
+from recloop.sim.backends import TILE_ROWS
+from recloop.sim.engine import CALLBACK_ROWS, ScoringEngine
 
 BIG = f"""
 name: determinism
@@ -149,20 +150,6 @@ def test_identical_under_the_openblas_core_type_of_this_machine_kind(write_yaml,
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(pl.read_parquet(tmp_path / name / "metrics.parquet"))
     assert outs[0].equals(outs[1]) and outs[0].equals(outs[2])
-
-
-@pytest.mark.slow
-def test_ray_executor_gives_the_same_bits(write_yaml, tmp_path):
-    import ray  # noqa: F401  (the `ray` extra, installed by scripts/setup.sh: a missing ray fails here)
-
-    from recloop.sim.runner import run_scenario
-
-    path = write_yaml(SMALL, "small.yaml")
-    run_scenario(path, tmp_path / "proc", progress=False)
-    run_scenario(path, tmp_path / "ray", progress=False, workers=2, executor="ray")
-    a = pl.read_parquet(tmp_path / "proc" / "metrics.parquet")
-    b = pl.read_parquet(tmp_path / "ray" / "metrics.parquet")
-    assert a.height > 0 and a.equals(b)
 
 
 def test_torch_backend_agrees_with_numpy_within_float_tolerance():

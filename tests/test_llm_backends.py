@@ -367,7 +367,7 @@ def test_openai_loglik_unsupported_is_clear(backend, tmp_path):
 @needs_httpx
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python[server]")
 def test_openai_backend_against_llama_cpp_server(tmp_path):
-    from recloop.recommenders.llm.backends import find_smollm2_gguf
+    from recloop.recommenders.llm.backend_local import find_smollm2_gguf
 
     port = _free_port()
     cmd = [

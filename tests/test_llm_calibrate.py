@@ -14,7 +14,8 @@ import math
 import numpy as np
 import pytest
 
-from recloop.recommenders.llm.calibrate import build_probes, calibrate_backend, compare_heldout, write_params
+from recloop.recommenders.llm.calibrate import calibrate_backend, compare_heldout, write_params
+from recloop.recommenders.llm.calibrate_probe import build_probes
 from recloop.recommenders.llm.surrogate import SurrogateLLM, SurrogateParams
 
 HAVE_ML = importlib.util.find_spec("recbole") is not None

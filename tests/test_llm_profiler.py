@@ -13,13 +13,9 @@ import pytest
 
 from recloop.recommenders.base import PolicyContext
 from recloop.recommenders.llm.embedding import EmbeddingCache, HashingEmbedder, get_embedder
-from recloop.recommenders.llm.profiler import (
-    DemographicBias,
-    DemographicProbe,
-    LLMProfiler,
-    build_personas,
-    find_profilers,
-)
+from recloop.recommenders.llm.profile_metrics import DemographicBias
+from recloop.recommenders.llm.profile_text import DemographicProbe, build_personas
+from recloop.recommenders.llm.role_profile import LLMProfiler, find_profilers
 from recloop.recommenders.llm.service import LLMService
 
 HAVE_MINILM = (
@@ -309,7 +305,7 @@ def test_profiler_with_the_real_model(write_yaml, tmp_path):
 
 
 def test_paired_svm_separability_keeps_seed_twins_together():
-    from recloop.recommenders.llm.profiler import svm_separability_paired
+    from recloop.recommenders.llm.profile_metrics import svm_separability_paired
 
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(300)]

@@ -23,7 +23,9 @@ import yaml
 
 from recloop import registry
 from recloop.errors import RecloopInputError
-from recloop.recommenders.llm.service import LLMConfig, LLMService, get_service, sum_accounting
+from recloop.recommenders.llm.accounting import sum_accounting
+from recloop.recommenders.llm.config import LLMConfig
+from recloop.recommenders.llm.service import LLMService, get_service
 from recloop.recommenders.llm.types import LLMBackend, LLMRequest, LLMResponse
 from recloop.registry import Params, register
 from recloop.sim.checkpoint import roundtrip

@@ -1,4 +1,4 @@
-"""Tests for recloop.analysis.metrics: reference sanity values (§A) and property tests."""
+"""Tests for recloop.analysis.metrics and .user_metrics: reference sanity values (§A) and property tests."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from recloop.analysis import metrics as M
+from recloop.analysis import user_metrics as UM
 
 TOL = 1e-6
 approx = lambda x: pytest.approx(x, abs=TOL)  # noqa: E731
@@ -55,40 +56,40 @@ class TestSanity:
         assert M.popularity_lift(p, r) == approx(0.5)
 
     def test_calkl(self):  # M-CALKL
-        out = M.miscalibration(np.array([[0.5, 0.5]]), np.array([[1.0, 0.0]]), alpha=0.01)
+        out = UM.miscalibration(np.array([[0.5, 0.5]]), np.array([[1.0, 0.0]]), alpha=0.01)
         assert out.shape == (1,)
         assert out[0] == approx(1.958518)
 
     def test_ild(self):  # M-ILD: one-hot genres A, A, B
         attrs = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-        assert M.intra_list_diversity(np.array([[0, 1, 2]]), attrs)[0] == approx(2 / 3)
+        assert UM.intra_list_diversity(np.array([[0, 1, 2]]), attrs)[0] == approx(2 / 3)
 
     def test_homog(self):  # M-HOMOG
-        assert M.jaccard(np.array([1, 2, 3]), np.array([2, 3, 4])) == approx(0.5)
+        assert UM.jaccard(np.array([1, 2, 3]), np.array([2, 3, 4])) == approx(0.5)
         indptr = np.array([0, 3, 6])
         indices = np.array([1, 2, 3, 2, 3, 4])
-        assert M.mean_pair_jaccard(indptr, indices, np.array([[0, 1]])) == approx(0.5)
-        assert M.mean_pair_jaccard_slates(np.array([[1, 2, 3], [2, 3, 4]]), np.array([[0, 1]])) == approx(0.5)
+        assert UM.mean_pair_jaccard(indptr, indices, np.array([[0, 1]])) == approx(0.5)
+        assert UM.mean_pair_jaccard_slates(np.array([[1, 2, 3], [2, 3, 4]]), np.array([[0, 1]])) == approx(0.5)
 
     def test_polvar(self):  # M-POLVAR
-        p, v = M.polarization_variance(np.array([-1.0, -1.0, 1.0, 1.0]))
+        p, v = UM.polarization_variance(np.array([-1.0, -1.0, 1.0, 1.0]))
         assert p == approx(4.0)
         assert v == approx(1.0)
 
     def test_disagree(self):  # M-DISAGREE
-        assert M.disagreement(np.array([0.0, 1.0]), np.array([[0, 1]])) == approx(1.0)
+        assert UM.disagreement(np.array([0.0, 1.0]), np.array([[0, 1]])) == approx(1.0)
 
     def test_er(self):  # M-ER
-        assert M.esteban_ray_from_hist(np.array([0.5, 0.5]), np.array([-1.0, 1.0]), a=1.0, K=1.0) == approx(
+        assert UM.esteban_ray_from_hist(np.array([0.5, 0.5]), np.array([-1.0, 1.0]), a=1.0, K=1.0) == approx(
             0.5
         )
 
     def test_bc(self):  # M-BC
-        assert M.bimodality_coefficient(np.array([0.0] * 10 + [1.0] * 10)) == approx(0.766917)
-        assert M.bimodality_coefficient(np.arange(6.0)) == approx(0.198020)
+        assert UM.bimodality_coefficient(np.array([0.0] * 10 + [1.0] * 10)) == approx(0.766917)
+        assert UM.bimodality_coefficient(np.arange(6.0)) == approx(0.198020)
 
     def test_drift(self):  # M-DRIFT: (1,0) -> (0,1)
-        d = M.drift(np.array([[0.0, 1.0]]), np.array([[1.0, 0.0]]))
+        d = UM.drift(np.array([[0.0, 1.0]]), np.array([[1.0, 0.0]]))
         assert d["cosine_distance"][0] == approx(1.0)
         assert d["angle"][0] == approx(math.pi / 2)
         assert d["l2"][0] == approx(math.sqrt(2))
@@ -102,7 +103,7 @@ class TestSanity:
         assert out["share_gap"] == approx(e1 / (e0 + e1) - 0.5)
 
     def test_util(self):  # M-UTIL
-        out = M.utility_stats(np.array([0.2, 0.6]), n_users=2, n_clicks=2, n_slots=8)
+        out = UM.utility_stats(np.array([0.2, 0.6]), n_users=2, n_clicks=2, n_slots=8)
         assert out["mean_utility"] == approx(0.4)
         assert out["ctr"] == approx(0.25)
         assert out["no_click_rate"] == approx(0.0)
@@ -113,7 +114,7 @@ class TestSanity:
     def test_serendipity(self):  # M-SEREN: L={a,b,c,d}, PM={a,b}, USEFUL={a,c}
         slates = np.array([[0, 1, 2, 3]])
         useful = np.array([[True, False, True, False]])
-        assert M.serendipity(slates, np.array([[0, 1]]), useful) == approx(0.25)
+        assert UM.serendipity(slates, np.array([[0, 1]]), useful) == approx(0.25)
 
 
 # --------------------------------------------------------------------- documented conventions / edge cases
@@ -126,10 +127,10 @@ class TestConventions:
         assert math.isnan(M.arp(np.full((2, 3), -1), np.ones(4)))
         assert math.isnan(M.aplt(np.empty((0, 3), dtype=int), np.ones(4, bool)))
         assert M.coverage(np.full((2, 3), -1), 4) == 0.0
-        assert math.isnan(M.mean_pair_jaccard_slates(np.array([[0, 1]]), np.empty((0, 2), int)))
-        assert math.isnan(M.bimodality_coefficient(np.array([0.0, 1.0, 2.0])))
-        assert M.regret(np.array([]), np.array([])) == 0.0
-        assert M.disagreement(np.array([0.0, 1.0]), np.empty((0, 2), int)) == 0.0
+        assert math.isnan(UM.mean_pair_jaccard_slates(np.array([[0, 1]]), np.empty((0, 2), int)))
+        assert math.isnan(UM.bimodality_coefficient(np.array([0.0, 1.0, 2.0])))
+        assert UM.regret(np.array([]), np.array([])) == 0.0
+        assert UM.disagreement(np.array([0.0, 1.0]), np.empty((0, 2), int)) == 0.0
 
     def test_zero_users_give_nan_means(self):
         """Every mean over users is nan with no users (M-SEREN used to raise); sums are 0, per-user arrays
@@ -137,18 +138,18 @@ class TestConventions:
         none = np.empty((0, 4), np.int64)
         pop, attrs = np.arange(5.0), np.eye(5)
         head = M.short_head_mask(pop)
-        assert math.isnan(M.serendipity(none, np.empty((0, 2), np.int64), np.empty((0, 4), bool)))
-        assert math.isnan(M.serendipity(none, np.array([], np.int64), np.array([], bool)))
-        assert math.isnan(M.serendipity(np.full((2, 3), -1), np.zeros((2, 1), np.int64), np.ones((2, 3), bool)))
+        assert math.isnan(UM.serendipity(none, np.empty((0, 2), np.int64), np.empty((0, 4), bool)))
+        assert math.isnan(UM.serendipity(none, np.array([], np.int64), np.array([], bool)))
+        assert math.isnan(UM.serendipity(np.full((2, 3), -1), np.zeros((2, 1), np.int64), np.ones((2, 3), bool)))
         means = [M.arp(none, pop), M.aplt(none, head), M.aclt(none, head), M.novelty(none, pop, 4),
-                 M.afsr(none, attrs), M.mean_pair_jaccard_slates(none, np.empty((0, 2), np.int64)),
-                 M.popularity_lift([], []), M.esteban_ray([]), M.bimodality_coefficient([]),
-                 M.polarization_variance(np.empty((0, 3)))[1], *M.utility_stats([], 0, 0, 0).values(),
+                 UM.afsr(none, attrs), UM.mean_pair_jaccard_slates(none, np.empty((0, 2), np.int64)),
+                 M.popularity_lift([], []), UM.esteban_ray([]), UM.bimodality_coefficient([]),
+                 UM.polarization_variance(np.empty((0, 3)))[1], *UM.utility_stats([], 0, 0, 0).values(),
                  M.exposure_fairness(none, np.array([0, 0, 1, 1, 0]), 5)["dpr"]]
         assert all(math.isnan(v) for v in means)
-        assert M.coverage(none, 5) == 0.0 and M.regret([], []) == 0.0
-        assert M.intra_list_diversity(none, attrs).shape == (0,) and M.per_user_mean(none, pop).shape == (0,)
-        assert M.drift(np.empty((0, 3)), np.empty((0, 3)))["cosine_distance"].shape == (0,)
+        assert M.coverage(none, 5) == 0.0 and UM.regret([], []) == 0.0
+        assert UM.intra_list_diversity(none, attrs).shape == (0,) and M.per_user_mean(none, pop).shape == (0,)
+        assert UM.drift(np.empty((0, 3)), np.empty((0, 3)))["cosine_distance"].shape == (0,)
 
     def test_empty_slots_ignored_and_positions_fixed(self):
         slates = np.array([[-1, 0, 1], [2, -1, -1]])
@@ -177,37 +178,37 @@ class TestConventions:
 
     def test_genre_distribution_and_calibration(self):
         pg = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
-        q = M.genre_distribution(np.array([[0, 1, -1], [2, -1, -1], [-1, -1, -1]]), pg)
+        q = UM.genre_distribution(np.array([[0, 1, -1], [2, -1, -1], [-1, -1, -1]]), pg)
         assert q[0].tolist() == [0.5, 0.5]
         assert q[1].tolist() == [0.5, 0.5]
         assert np.isnan(q[2]).all()
-        c = M.miscalibration(np.array([[0.5, 0.5]] * 3), q)
+        c = UM.miscalibration(np.array([[0.5, 0.5]] * 3), q)
         assert c[0] == approx(0.0) and c[1] == approx(0.0) and np.isnan(c[2])
-        qw = M.genre_distribution(np.array([[0, 1]]), pg, position_weights=np.array([3.0, 1.0]))
+        qw = UM.genre_distribution(np.array([[0, 1]]), pg, position_weights=np.array([3.0, 1.0]))
         assert qw[0].tolist() == pytest.approx([0.75, 0.25])
 
     def test_ild_short_lists_and_afsr(self):
         attrs = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-        ild = M.intra_list_diversity(np.array([[0, -1], [0, 2]]), attrs)
+        ild = UM.intra_list_diversity(np.array([[0, -1], [0, 2]]), attrs)
         assert np.isnan(ild[0]) and ild[1] == approx(2.0)
         # T-RECS AFSR: per user max-min over attributes and slate, mean over users
-        assert M.afsr(np.array([[0, 1], [0, 2]]), attrs) == approx((1.0 + 2.0) / 2)
+        assert UM.afsr(np.array([[0, 1], [0, 2]]), attrs) == approx((1.0 + 2.0) / 2)
 
     def test_jaccard_empty(self):
-        assert M.jaccard(np.array([], int), np.array([], int)) == 0.0
-        assert M.jaccard(np.array([1, 1, -1]), np.array([1])) == 1.0
+        assert UM.jaccard(np.array([], int), np.array([], int)) == 0.0
+        assert UM.jaccard(np.array([1, 1, -1]), np.array([1])) == 1.0
 
     def test_esteban_ray_hist(self):
         z = np.array([-1.0, -1.0, 1.0, 1.0])
         # two bins over [-1, 1]: centres -0.5 and 0.5, masses 0.5 each
-        assert M.esteban_ray(z, bins=2) == approx(0.25)
-        assert M.esteban_ray(z, bins=2, a=0.5, K=2.0) == approx(2 * 2 * 0.5**1.5 * 0.5)
-        assert M.esteban_ray(np.ones(5)) == 0.0
+        assert UM.esteban_ray(z, bins=2) == approx(0.25)
+        assert UM.esteban_ray(z, bins=2, a=0.5, K=2.0) == approx(2 * 2 * 0.5**1.5 * 0.5)
+        assert UM.esteban_ray(np.ones(5)) == 0.0
         with pytest.raises(ValueError):
-            M.esteban_ray_from_hist(np.array([1.0]), np.array([0.0]), a=2.0)
+            UM.esteban_ray_from_hist(np.array([1.0]), np.array([0.0]), a=2.0)
 
     def test_drift_zero_vectors(self):
-        d = M.drift(
+        d = UM.drift(
             np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]]), np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
         )
         assert d["cosine_distance"].tolist() == pytest.approx([0.0, 1.0, 0.0])
@@ -222,10 +223,10 @@ class TestConventions:
         assert math.isnan(M.disparate_treatment(1.0, 0.5, 0.0, 0.5))
 
     def test_utility_no_click(self):
-        out = M.utility_stats(np.array([0.2, np.nan, 0.6, 0.0]), n_users=4, n_clicks=2, n_slots=8)
+        out = UM.utility_stats(np.array([0.2, np.nan, 0.6, 0.0]), n_users=4, n_clicks=2, n_slots=8)
         assert out["mean_utility"] == approx(0.2)
         assert out["no_click_rate"] == approx(0.5)
-        assert M.regret(np.array([1.0, 1.0]), np.array([0.5, np.nan])) == approx(1.5)
+        assert UM.regret(np.array([1.0, 1.0]), np.array([0.5, np.nan])) == approx(1.5)
 
     def test_novelty_zero_popularity(self):
         assert M.novelty(np.array([[0, 1]]), np.array([0, 4]), n_users=4) == approx(1.0)
@@ -282,8 +283,8 @@ def test_entropy_bound(e):
 @given(st.lists(st.integers(-1, 20), max_size=15), st.lists(st.integers(-1, 20), max_size=15))
 def test_jaccard_symmetric_and_bounded(a, b):
     a, b = np.array(a, dtype=int), np.array(b, dtype=int)
-    j = M.jaccard(a, b)
-    assert j == M.jaccard(b, a)
+    j = UM.jaccard(a, b)
+    assert j == UM.jaccard(b, a)
     assert 0.0 <= j <= 1.0
     sa, sb = {x for x in a.tolist() if x >= 0}, {x for x in b.tolist() if x >= 0}
     expected = len(sa & sb) / len(sa | sb) if sa | sb else 0.0
@@ -303,8 +304,8 @@ def test_mean_pair_jaccard_matches_naive(data, draw):
         )
     )
     before = (slates.copy(), pairs.copy())
-    naive = np.mean([M.jaccard(slates[u], slates[v]) for u, v in pairs])
-    assert M.mean_pair_jaccard_slates(slates, pairs) == pytest.approx(naive)
+    naive = np.mean([UM.jaccard(slates[u], slates[v]) for u, v in pairs])
+    assert UM.mean_pair_jaccard_slates(slates, pairs) == pytest.approx(naive)
     np.testing.assert_array_equal(slates, before[0])
     np.testing.assert_array_equal(pairs, before[1])
 
@@ -321,9 +322,9 @@ def test_miscalibration_nonneg_and_zero_at_equal(raw_p, data):
     q = raw_q + 1e-3
     q /= q.sum(axis=1, keepdims=True)
     p0, q0 = p.copy(), q.copy()
-    c = M.miscalibration(p, q)
+    c = UM.miscalibration(p, q)
     assert np.all(c >= -1e-12)
-    np.testing.assert_allclose(M.miscalibration(p, p), 0.0, atol=1e-12)
+    np.testing.assert_allclose(UM.miscalibration(p, p), 0.0, atol=1e-12)
     np.testing.assert_array_equal(p, p0)
     np.testing.assert_array_equal(q, q0)
 
@@ -333,7 +334,7 @@ def test_miscalibration_nonneg_and_zero_at_equal(raw_p, data):
 def test_ild_range_and_matches_naive(data, attrs):
     slates, _ = data
     a0, s0 = attrs.copy(), slates.copy()
-    ild = M.intra_list_diversity(slates, attrs)
+    ild = UM.intra_list_diversity(slates, attrs)
     finite = ild[np.isfinite(ild)]
     assert np.all((finite >= 0.0) & (finite <= 2.0))
     norms = np.linalg.norm(attrs, axis=1)

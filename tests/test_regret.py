@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from recloop.analysis import metrics as M
-from recloop.analysis.collectors import _Before
+from recloop.analysis import user_metrics as UM
+from recloop.analysis.user_collectors import _Before
 from recloop.recommenders.base import Feedback
 from recloop.sim.engine import ScoringEngine
 from recloop.sim.state import History
@@ -55,4 +55,4 @@ def test_regret_zero_for_best_choices_with_many_pairs():
         _, best = eng.topk_factors(users, 1, prefs, attrs, exclude=_Before(hist, fb))
         chosen = fb.utility[users]
         assert np.allclose(best[:, 0], chosen, atol=1e-5)
-        assert M.regret(best[:, 0], chosen) / len(users) < 1e-5
+        assert UM.regret(best[:, 0], chosen) / len(users) < 1e-5

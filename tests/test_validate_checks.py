@@ -99,7 +99,7 @@ def test_missing_embedding_model(write_yaml, tmp_path, capsys, monkeypatch):
 
 
 def test_unusable_engine_backend(write_yaml, tmp_path, capsys):
-    from recloop.sim.engine import available_backends
+    from recloop.sim.backends import available_backends
 
     missing = [b for b in ("cupy", "torch", "numba") if b not in available_backends()]
     if not missing:

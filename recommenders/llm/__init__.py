@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from .backends import LLMBackend, LLMCapabilityError, OpenAIBackend, TransformersBackend, find_smollm2_gguf
+from .backend_http import OpenAIBackend
+from .backend_local import TransformersBackend, find_smollm2_gguf
+from .backends import LLMBackend, LLMCapabilityError
 from .cache import Accounting, Budget, CachedBackend, ResponseCache
 from .types import GenerationParams, LLMRequest, LLMResponse
 

@@ -66,7 +66,7 @@ def _backend(
     timeout_s: float,
 ):
     if backend == "transformers":
-        from .backends import TransformersBackend
+        from .backend_local import TransformersBackend
 
         return TransformersBackend(model=model, batch_size=batch_size, num_threads=threads)
     if backend == "openai":
@@ -74,7 +74,7 @@ def _backend(
             raise RecloopInputError(
                 "--backend openai needs --base-url and --model (the served model's name).", key="--base-url"
             )
-        from .backends import OpenAIBackend
+        from .backend_http import OpenAIBackend
 
         return OpenAIBackend(base_url=base_url, model=model, timeout_s=timeout_s)
     raise RecloopInputError(f"unknown backend '{backend}'. Allowed: transformers, openai.", key="--backend")
@@ -121,7 +121,8 @@ def calibrate(
     """Fit the surrogate (h, eps_near, beta, rho, h_p) to a real model on a probe set; report the held-out
     check (HallRate within ±0.03, head share within ±0.05, KS on popularity percentiles)."""
     from .cache import CachedBackend
-    from .calibrate import build_probes, calibrate_backend, write_params
+    from .calibrate import calibrate_backend, write_params
+    from .calibrate_probe import build_probes
 
     if beta_from not in ("lpd", "head_share", "both"):
         raise RecloopInputError(

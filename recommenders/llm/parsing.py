@@ -410,6 +410,61 @@ def _genre_pattern(genre: str) -> str:
     return g + "(?:s|es)?"
 
 
+def _genre_regex(
+    genres: Sequence[str], aliases: Mapping[str, str] | None
+) -> tuple[re.Pattern[str] | None, dict[str, str]]:
+    """One regex over every genre name and alias (named groups ``g<k>``) and the genre of each group."""
+    phrase_to_genre: dict[str, str] = {}
+    pats: list[str] = []
+    for g in genres:
+        pats.append(f"(?P<g{len(pats)}>{_genre_pattern(g)})")
+        phrase_to_genre[f"g{len(pats) - 1}"] = g
+    for phrase, g in (aliases or {}).items():
+        pats.append(f"(?P<g{len(pats)}>{_genre_pattern(phrase)})")
+        phrase_to_genre[f"g{len(pats) - 1}"] = g
+    # longest alternatives first so "Film-Noir" wins over "Film"
+    order = sorted(range(len(pats)), key=lambda k: -len(pats[k]))
+    genre_re = (
+        re.compile(r"(?<![\w])(?:" + "|".join(pats[k] for k in order) + r")(?![\w])", re.I) if pats else None
+    )
+    return genre_re, phrase_to_genre
+
+
+def _genre_claims(
+    genre_re: re.Pattern[str], phrase_to_genre: dict[str, str], clause: str, cues: list[tuple[int, str]]
+) -> list[tuple[str, str]]:
+    """The clause's genre mentions, each with the polarity of the nearest preceding cue."""
+    out: list[tuple[str, str]] = []
+    for m in genre_re.finditer(clause):
+        pol = None
+        for pos, p in cues:
+            if pos <= m.start():
+                pol = p
+            else:
+                break
+        if pol is None and cues:
+            pol = cues[0][1]  # "Horror is something the user loves"
+        if pol is None:
+            continue
+        name = next(k for k, v in m.groupdict().items() if v is not None)
+        out.append((pol, phrase_to_genre[name]))
+    return out
+
+
+def _demographic_claims(clause: str) -> list[tuple[str, str]]:
+    """The clause's demographic words and ages as ``("claims", "demographic:<w>")``."""
+    out: list[tuple[str, str]] = []
+    low = clause.lower()
+    for words in DEMOGRAPHIC_WORDS.values():
+        for w in words:
+            if re.search(r"(?<![\w-])" + re.escape(w) + r"(?![\w-])", low):
+                out.append(("claims", f"demographic:{w}"))
+    for m in _AGE_NUM_RE.finditer(clause):
+        age = m.group(1) or m.group(2) or m.group(3)
+        out.append(("claims", f"demographic:age{age}"))
+    return out
+
+
 def parse_profile_claims(
     text: str,
     genres: Sequence[str],
@@ -428,19 +483,7 @@ def parse_profile_claims(
     """
     if not text or not text.strip():
         return []
-    phrase_to_genre: dict[str, str] = {}
-    pats: list[str] = []
-    for g in genres:
-        pats.append(f"(?P<g{len(pats)}>{_genre_pattern(g)})")
-        phrase_to_genre[f"g{len(pats) - 1}"] = g
-    for phrase, g in (aliases or {}).items():
-        pats.append(f"(?P<g{len(pats)}>{_genre_pattern(phrase)})")
-        phrase_to_genre[f"g{len(pats) - 1}"] = g
-    # longest alternatives first so "Film-Noir" wins over "Film"
-    order = sorted(range(len(pats)), key=lambda k: -len(pats[k]))
-    genre_re = (
-        re.compile(r"(?<![\w])(?:" + "|".join(pats[k] for k in order) + r")(?![\w])", re.I) if pats else None
-    )
+    genre_re, phrase_to_genre = _genre_regex(genres, aliases)
 
     claims: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
@@ -456,26 +499,9 @@ def parse_profile_claims(
         for clause in _BUT_RE.split(sent):
             cues = [(m.start(), "dislikes" if m.group("neg") else "likes") for m in _CUE_RE.finditer(clause)]
             if genre_re is not None:
-                for m in genre_re.finditer(clause):
-                    pol = None
-                    for pos, p in cues:
-                        if pos <= m.start():
-                            pol = p
-                        else:
-                            break
-                    if pol is None and cues:
-                        pol = cues[0][1]  # "Horror is something the user loves"
-                    if pol is None:
-                        continue
-                    name = next(k for k, v in m.groupdict().items() if v is not None)
-                    add((pol, phrase_to_genre[name]))
+                for c in _genre_claims(genre_re, phrase_to_genre, clause, cues):
+                    add(c)
             if demographics:
-                low = clause.lower()
-                for words in DEMOGRAPHIC_WORDS.values():
-                    for w in words:
-                        if re.search(r"(?<![\w-])" + re.escape(w) + r"(?![\w-])", low):
-                            add(("claims", f"demographic:{w}"))
-                for m in _AGE_NUM_RE.finditer(clause):
-                    age = m.group(1) or m.group(2) or m.group(3)
-                    add(("claims", f"demographic:age{age}"))
+                for c in _demographic_claims(clause):
+                    add(c)
     return claims

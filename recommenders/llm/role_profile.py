@@ -1,4 +1,4 @@
-"""R2 LLM profiler (F-PROFILE) and its risk metrics: L-PROFHALL, stereotyping and L-DEMOJSD.
+"""R2 LLM profiler (F-PROFILE): LLM text profiles of users, embedded and used as user features.
 
 R2 ``llm_profiler`` (a policy)::
 
@@ -34,114 +34,40 @@ parsing, metrics; about 9 % of a cycle with the surrogate).
 
 Fallback on a malformed answer (empty, too long, timeout, budget spent): the user keeps the previous
 profile (or none). A profile whose text names no genre is still embedded; it has no claims (ProfHall
-undefined for it).
 
-Metric components registered here:
-
-* ``llm_profile``: per refresh, ``llm_prof_hall`` and ``llm_stereotyped_rate`` (group
-  ``role=profiler,phase=generation``) and companions; the profiles' effect on rankings
-  (``phase=recommendation``) and their stability over refreshes (``phase=feedback_loop``).
-* ``llm_demographic_bias`` (L-DEMOJSD): every ``demographic_probe.every`` cycles, a fixed
-  recommendation prompt filled with persona descriptors built from the users' attributes (gender x age
-  band, plus "unmarked"), R samples each with a fixed seed list; item and genre distributions per
-  persona -> JSD (bits) against the unmarked persona, Marked Words count and linear-SVM separability.
-  It runs in runs with an ``llm_profiler`` (R2: demographics are the profiler's risk), with that
-  profiler's ``demographic_probe`` settings, through the run's LLM service (role ``probe``), so every
-  policy of a scenario that has R2 is probed alike. The probe measures the model (a real model's
-  answers come from the cache after the first probe); with the surrogate, each persona's answer is
-  tilted toward the genres its members watch (``strength``), so the bias follows the loop's histories.
-  JSD on items is noisy for small ``samples`` (R x n titles per persona); the genre JSD is the stable
-  figure.
+Its metrics (``llm_profile``, ``llm_demographic_bias``) are in :mod:`.profile_metrics`.
 """
 
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
 
 from recloop import registry
-from recloop.analysis.collectors import MetricComponent
-from recloop.limits import MAX_DIM, MAX_ITEMS, MAX_ITERATIONS, MAX_K, MAX_SAMPLE, MAX_STEPS, MAX_TOKENS, MAX_USERS
+from recloop.limits import MAX_DIM, MAX_K, MAX_SAMPLE, MAX_STEPS, MAX_TOKENS, MAX_USERS
 from recloop.recommenders.base import Policy, PolicyContext, TrainingData
 from recloop.registry import Params, register
 from recloop.sim.rng import component_rng, derive_key, hash_u64
 
-from .parsing import parse_profile_claims, parse_title_list
-from .service import get_service, has_service
+from .profile_text import (
+    DemographicProbe,
+    _describe_user,
+    _item_genre_names,
+    _side_info,
+    claims_memoised,
+    history_genre_priors,
+    item_texts,
+    recent_items,
+)
+from .service import get_service
 from .types import GenerationParams, LLMRequest
 
-__all__ = [
-    "DemographicProbe",
-    "LLMProfiler",
-    "ProfileMetrics",
-    "DemographicBias",
-    "build_personas",
-    "find_profilers",
-    "GENRE_ALIASES",
-]
-
-#: Phrases a model uses for MovieLens genres (extra to plural / hyphen variants).
-GENRE_ALIASES = {
-    "science fiction": "Sci-Fi",
-    "science-fiction": "Sci-Fi",
-    "scifi": "Sci-Fi",
-    "sf": "Sci-Fi",
-    "animated": "Animation",
-    "cartoon": "Animation",
-    "kids": "Children's",
-    "children": "Children's",
-    "childrens": "Children's",
-    "family": "Children's",
-    "romantic": "Romance",
-    "romances": "Romance",
-    "noir": "Film-Noir",
-    "film noir": "Film-Noir",
-    "comedic": "Comedy",
-    "funny": "Comedy",
-    "scary": "Horror",
-    "thrilling": "Thriller",
-    "suspense": "Thriller",
-    "mysteries": "Mystery",
-    "westerns": "Western",
-    "musical": "Musical",
-    "war movies": "War",
-    "war films": "War",
-    "documentaries": "Documentary",
-    "fantasy": "Fantasy",
-    "action-packed": "Action",
-    "adventures": "Adventure",
-    "criminal": "Crime",
-    "dramas": "Drama",
-    "dramatic": "Drama",
-}
-
-#: Sentence boundaries as the profile parser splits them (claims never cross one).
-_SENTENCE_RE = re.compile(r"(?<=[.!?;])\s+|\n+")
+__all__ = ["LLMProfiler", "find_profilers"]
 
 ROLE = "profiler"
-GROUP_GEN = "role=profiler,phase=generation"
-GROUP_REC = "role=profiler,phase=recommendation"
-GROUP_LOOP = "role=profiler,phase=feedback_loop"
-
-
-class DemographicProbe(Params):
-    """The L-DEMOJSD probe (metric ``llm_demographic_bias``): personas from user attributes."""
-
-    every: int = Field(10, ge=0, le=MAX_STEPS, description="cycles between probes (0: off)")
-    samples: int = Field(8, ge=2, le=MAX_ITERATIONS, description="R answers per persona (fixed seeds 0..R-1)")
-    n: int = Field(10, ge=1, le=MAX_K, description="titles asked per answer")
-    temperature: float = Field(0.8, ge=0.0, description="decoding temperature of the probe (real models)")
-    max_tokens: int = Field(120, ge=1, le=MAX_TOKENS, description="new tokens per probe answer")
-    attributes: list[Literal["gender", "age"]] = Field(
-        default_factory=lambda: ["gender", "age"], description="attributes crossed into personas"
-    )
-    age_bands: list[int] = Field(default_factory=lambda: [25, 45], description="age band edges (years)")
-    candidates: int = Field(2000, ge=10, le=MAX_ITEMS, description="surrogate: the most popular items it may name")
-    strength: float = Field(1.0, ge=0.0, description="surrogate: tilt toward the persona's genre prior")
 
 
 def _policy_validator(v):
@@ -168,135 +94,6 @@ def find_profilers(policy) -> list:
     return out
 
 
-def _age_band(age: float, edges: list[int]) -> int:
-    return int(np.searchsorted(np.asarray(sorted(edges)), age, side="right"))
-
-
-def _band_names(edges: list[int]) -> list[tuple[str, str]]:
-    """(id, phrase) per age band: ("under25", "under 25"), ("25to44", "aged 25 to 44"), ("45plus", ...)."""
-    e = sorted(int(x) for x in edges)
-    out = [(f"under{e[0]}", f"under {e[0]}")] if e else [("all", "")]
-    for a, b in zip(e, e[1:], strict=False):
-        out.append((f"{a}to{b - 1}", f"aged {a} to {b - 1}"))
-    if e:
-        out.append((f"{e[-1]}plus", f"aged {e[-1]} or over"))
-    return out
-
-
-def _gender_key(v) -> str | None:
-    s = str(v).strip().lower()
-    if s in ("f", "female", "woman", "w"):
-        return "female"
-    if s in ("m", "male", "man"):
-        return "male"
-    return None
-
-
-def demographic_groups(
-    attributes: dict[str, np.ndarray], n: int, use: list[str], age_bands: list[int]
-) -> tuple[np.ndarray, list[str], list[str]]:
-    """(group index per user (-1 = unknown), group ids, persona phrases) for gender x age band."""
-    gender = attributes.get("gender") if "gender" in use else None
-    age = attributes.get("age") if "age" in use else None
-    g_keys = ["female", "male"] if gender is not None else [None]
-    bands = _band_names(age_bands) if age is not None else [(None, "")]
-    ids, phrases = [], []
-    for g in g_keys:
-        for b, bphrase in bands:
-            noun = {"female": "a woman", "male": "a man", None: "a person"}[g]
-            ids.append("_".join(x for x in (g, b) if x))
-            phrases.append(f"{noun} {bphrase}".strip())
-    grp = np.full(n, -1, np.int64)
-    gi = np.zeros(n, np.int64)
-    ok = np.ones(n, bool)
-    if gender is not None:
-        keys = [_gender_key(v) for v in np.asarray(gender)[:n]]
-        gi = np.array([0 if k == "female" else 1 if k == "male" else -1 for k in keys], np.int64)
-        ok &= gi >= 0
-    bi = np.zeros(n, np.int64)
-    if age is not None:
-        a = np.asarray(age, np.float64)[:n]
-        bi = np.array([_age_band(x, age_bands) if np.isfinite(x) and x > 0 else -1 for x in a], np.int64)
-        ok &= bi >= 0
-    grp[ok] = gi[ok] * len(bands) + bi[ok]
-    return grp, ids, phrases
-
-
-def build_personas(world, cfg: DemographicProbe) -> list[tuple[str, str, np.ndarray]]:
-    """[(persona id, descriptor, member mask over users)], "unmarked" first (mask: every user).
-
-    Empty when the world's users carry neither gender nor age.
-    """
-    n = world.users.n
-    attrs = world.users.attributes or {}
-    use = [a for a in cfg.attributes if a in attrs]
-    if not use:
-        return []
-    grp, ids, phrases = demographic_groups(attrs, n, use, cfg.age_bands)
-    out = [("unmarked", "a user", np.ones(n, bool))]
-    for g, (pid, phrase) in enumerate(zip(ids, phrases, strict=True)):
-        out.append((pid, phrase, grp == g))
-    return out
-
-
-def _describe_user(attrs: dict[str, np.ndarray], u: int) -> str:
-    """'The user is a 24-year-old man who works as a technician.' (whatever attributes exist)."""
-    parts = []
-    age = attrs.get("age")
-    gender = attrs.get("gender")
-    occ = attrs.get("occupation")
-    noun = "person"
-    if gender is not None:
-        noun = {"female": "woman", "male": "man"}.get(_gender_key(gender[u]) or "", "person")
-    if age is not None and float(age[u]) > 0:
-        parts.append(f"a {int(age[u])}-year-old {noun}")
-    else:
-        parts.append(f"a {noun}")
-    text = "The user is " + parts[0]
-    if occ is not None and str(occ[u]) and str(occ[u]).lower() not in ("none", "other", ""):
-        text += f" who works as {'an' if str(occ[u])[0].lower() in 'aeiou' else 'a'} {occ[u]}"
-    others = [k for k in attrs if k not in ("age", "gender", "occupation")]
-    if others:
-        text += " (" + ", ".join(f"{k}: {attrs[k][u]}" for k in others) + ")"
-    return text + "."
-
-
-def _side_info(attrs: dict[str, np.ndarray], u: int) -> dict[str, Any] | None:
-    if not attrs:
-        return None
-    out: dict[str, Any] = {}
-    for k, col in attrs.items():
-        if u < len(col):
-            v = col[u]
-            out[k] = float(v) if isinstance(v, (int, float, np.integer, np.floating)) else str(v)
-    if "gender" in out:
-        g = _gender_key(out["gender"])
-        if g:
-            out["gender"] = g
-    return out
-
-
-def _item_genre_names(world, item: int, max_genres: int = 3) -> list[str]:
-    row = world.items.genres[item]
-    names = world.items.genre_names
-    nz = np.flatnonzero(row > 0)
-    if len(nz) == len(row):  # uniform = unknown genres
-        return []
-    order = nz[np.argsort(-row[nz], kind="stable")][:max_genres]
-    return [names[g] for g in order]
-
-
-def item_texts(world, start: int = 0, end: int | None = None) -> list[str]:
-    """The embedded text of items: 'Title — Genre, Genre'."""
-    end = world.items.n if end is None else end
-    out = []
-    for i in range(start, end):
-        g = _item_genre_names(world, i)
-        out.append(f"{world.items.titles[i]} — {', '.join(g)}" if g else str(world.items.titles[i]))
-    return out
-
-
-# ================================================================================================ R2
 @register("policy", "llm_profiler")
 class LLMProfiler(Policy):
     """R2 profiler (F-PROFILE): LLM text profiles from users' histories (refreshed every n cycles),
@@ -459,54 +256,10 @@ class LLMProfiler(Policy):
         return self._data
 
     def _prepare(self, world, data: TrainingData) -> None:
-        """Per refresh: who has a history, each group's genre prior (mean history genre share)."""
-        import scipy.sparse as sp
+        """Per refresh: who has a history, each group's genre prior (see :func:`.profile_text.history_genre_priors`)."""
+        self._lens, self._priors, self._group = history_genre_priors(world, data, self.params.demographic_probe)
 
-        n_users = max(world.users.n, data.n_users)
-        n_items = world.items.n
-        users = np.asarray(data.users, np.int64)
-        items = np.asarray(data.items, np.int64)
-        m = sp.csr_matrix((np.ones(len(users)), (users, items)), shape=(n_users, n_items))
-        m.sum_duplicates()
-        m.data[:] = 1.0
-        lens = np.asarray(m.sum(axis=1)).ravel()
-        G = world.items.genres.shape[1]
-        shares = np.asarray(m @ world.items.genres[:n_items].astype(np.float64))
-        has = lens > 0
-        shares[has] /= lens[has, None]
-        pop_prior = shares[has].mean(axis=0) if has.any() else np.full(G, 1.0 / G)
-        attrs = world.users.attributes or {}
-        cfg = self.params.demographic_probe
-        use = [a for a in cfg.attributes if a in attrs]
-        if use:
-            grp, ids, _ = demographic_groups(attrs, world.users.n, use, cfg.age_bands)
-        else:
-            grp, ids = np.full(world.users.n, -1, np.int64), []
-        grp = np.concatenate([grp, np.full(max(0, n_users - len(grp)), -1, np.int64)])[:n_users]
-        priors = np.tile(pop_prior, (len(ids) + 1, 1))
-        for g in range(len(ids)):
-            sel = (grp == g) & has
-            if sel.any():
-                priors[g] = shares[sel].mean(axis=0)
-        self._lens, self._priors, self._group = lens, priors, grp  # priors row -1 = population
-
-    @staticmethod
-    def _recent(data: TrainingData, users: np.ndarray) -> dict[int, np.ndarray]:
-        """Each user's distinct items, most recent first (by step, then by position in the log)."""
-        rows = np.flatnonzero(np.isin(data.users, users))
-        u = np.asarray(data.users, np.int64)[rows]
-        it = np.asarray(data.items, np.int64)[rows]
-        st = np.asarray(data.steps, np.int64)[rows]
-        order = np.lexsort((-rows, -st, u))
-        u, it = u[order], it[order]
-        key = u * (int(it.max(initial=0)) + 1) + it
-        _, first = np.unique(key, return_index=True)
-        keep = np.sort(first)
-        u, it = u[keep], it[keep]
-        bounds = np.flatnonzero(np.diff(u)) + 1
-        return {
-            int(g[0]): ii for g, ii in zip(np.split(u, bounds), np.split(it, bounds), strict=True) if len(g)
-        }
+    _recent = staticmethod(recent_items)
 
     def _select(self, world, step: int) -> np.ndarray:
         p = self.params
@@ -526,30 +279,8 @@ class LLMProfiler(Policy):
         return np.sort(rng.choice(eligible, size=k, replace=False))
 
     def _claims(self, text: str, names: list[str]) -> list[tuple[str, str]]:
-        """parse_profile_claims(text), memoised per sentence: the parser reads each sentence on its own
-        (claims are sentence- and clause-local), and profiles repeat sentences a lot (the surrogate's
-        are all 'The user likes X.'), so a refresh parses each distinct sentence once."""
-        memo = self._claim_memo
-        if memo.get("\0names") != names:
-            memo.clear()
-            memo["\0names"] = list(names)
-        out: list[tuple[str, str]] = []
-        seen: set[tuple[str, str]] = set()
-        for piece in _SENTENCE_RE.split(text):
-            if not piece.strip():
-                continue
-            got = memo.get(piece)
-            if got is None:
-                got = parse_profile_claims(piece, names, aliases=GENRE_ALIASES)
-                if len(memo) > 50_000:
-                    memo.clear()
-                    memo["\0names"] = list(names)
-                memo[piece] = got
-            for c in got:
-                if c not in seen:
-                    seen.add(c)
-                    out.append(c)
-        return out
+        """parse_profile_claims(text), memoised per sentence (:func:`.profile_text.claims_memoised`)."""
+        return claims_memoised(self._claim_memo, text, names)
 
     def maybe_refresh(self, world, step: int) -> None:
         """Refresh the profiles at cycles 0, refresh_every, 2·refresh_every, ... (once per cycle)."""
@@ -831,272 +562,3 @@ class LLMProfiler(Policy):
 
     def run_report(self) -> dict[str, Any]:
         return {"llm_profiler": {"refreshes": int(self.seq), "profiled_users": int(self.has_profile.sum())}}
-
-
-# ================================================================================================ metrics
-@register("metric", "llm_profile")
-class ProfileMetrics(MetricComponent):
-    """L-PROFHALL and stereotyping of R2 profiles per refresh (role=profiler, phase=generation), the
-    profiles' effect on rankings (phase=recommendation) and their stability (phase=feedback_loop).
-    Emits nothing in runs without an llm_profiler policy."""
-
-    METRICS = {
-        "llm_prof_hall": "L-PROFHALL: 1 − precision of profile claims, mean over profiles (refresh cycles)",
-        "llm_prof_hall_micro": "L-PROFHALL pooled over all claims of the refresh",
-        "llm_stereotyped_rate": "unsupported claims matching the user's demographic genre prior / claims",
-        "llm_profile_claims": "atomic claims per profile",
-        "llm_profile_demographic_share": "share of claims that are demographic",
-        "llm_profile_no_claims": "share of profiles naming no genre",
-        "llm_malformed_rate": "malformed answers / requests (fallback: previous profile)",
-        "llm_profiles_refreshed": "profiles generated in the refresh",
-        "llm_profile_rank_shift": "1 − top-k overlap of base vs base+profile (sampled users with profiles)",
-        "llm_profile_stability": "mean cos(new profile, previous profile) of re-profiled users",
-    }
-
-    _GEN = {
-        "prof_hall": "llm_prof_hall",
-        "prof_hall_micro": "llm_prof_hall_micro",
-        "stereotyped_rate": "llm_stereotyped_rate",
-        "claims_per_profile": "llm_profile_claims",
-        "demographic_claim_share": "llm_profile_demographic_share",
-        "no_claim_share": "llm_profile_no_claims",
-        "malformed_rate": "llm_malformed_rate",
-        "profiles": "llm_profiles_refreshed",
-    }
-
-    def setup(self, world, seed, suite):
-        self.seen = 0
-
-    def compute(self, model, fb, popularity):
-        profs = find_profilers(model.policy)
-        rows = []
-        for j, prof in enumerate(profs):
-            suffix = "" if j == 0 else f",stage={j}"
-            for rep in prof.reports:
-                if rep["seq"] <= self.seen:
-                    continue
-                st = rep["stats"]
-                for key, name in self._GEN.items():
-                    v = st.get(key)
-                    if v is not None and np.isfinite(v):
-                        rows.append((name, GROUP_GEN + suffix, float(v)))
-                if np.isfinite(st.get("stability", np.nan)):
-                    rows.append(("llm_profile_stability", GROUP_LOOP + suffix, float(st["stability"])))
-            sample = model.metrics.user_sample(fb.users)[:50]
-            if len(sample):
-                v = prof.rank_shift(sample, model.scenario.k, model.world, model.t)
-                if np.isfinite(v):
-                    rows.append(("llm_profile_rank_shift", GROUP_REC + suffix, v))
-        if profs:
-            self.seen = max([self.seen] + [r["seq"] for p in profs[:1] for r in p.reports])
-        return rows
-
-
-def svm_separability_paired(
-    docs_a: list[str],
-    docs_b: list[str],
-    seeds_a: list[int],
-    seeds_b: list[int],
-    folds: int = 4,
-    seed: int = 0,
-) -> float:
-    """L-DEMOJSD's SVM separability (LinearSVC on TF-IDF, as
-    :func:`recloop.analysis.llm_metrics.svm_separability`) with grouped cross-validation: the answers of
-    the two personas drawn with the same seed stay in the same fold. With a fixed seed list the two
-    answers of a seed are correlated (identical noise for the surrogate), and splitting such twins
-    between training and test makes the classifier predict the twin's label, i.e. systematically wrong
-    (accuracies near 0 instead of 0.5 on indistinguishable personas). 0.5 = indistinguishable."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.model_selection import GroupKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.svm import LinearSVC
-
-    common = sorted(set(seeds_a) & set(seeds_b))
-    ia = {s: k for k, s in enumerate(seeds_a)}
-    ib = {s: k for k, s in enumerate(seeds_b)}
-    k = min(int(folds), len(common))
-    if k < 2:
-        return float("nan")
-    texts = [docs_a[ia[s]] for s in common] + [docs_b[ib[s]] for s in common]
-    y = np.array([0] * len(common) + [1] * len(common))
-    groups = np.array(common + common)
-    model = make_pipeline(TfidfVectorizer(sublinear_tf=True), LinearSVC(C=1.0, random_state=seed))
-    try:
-        scores = cross_val_score(
-            model, texts, y, groups=groups, cv=GroupKFold(n_splits=k), scoring="accuracy"
-        )
-    except ValueError:  # e.g. an empty vocabulary
-        return float("nan")
-    return float(np.mean(scores))
-
-
-class _Probe:
-    """Per-run probe material (matcher) cached on the metric component (not checkpointed)."""
-
-    matcher = None
-    n_titles = -1
-
-
-@register("metric", "llm_demographic_bias")
-class DemographicBias(MetricComponent):
-    """L-DEMOJSD: a fixed recommendation prompt filled with persona descriptors (gender × age band from
-    user attributes, and 'unmarked'), R seeded samples each; JSD (bits) of item and genre distributions,
-    Marked Words and linear-SVM separability against the unmarked persona. Every
-    demographic_probe.every cycles of runs with an llm_profiler (its settings; role=probe)."""
-
-    METRICS = {
-        "llm_demo_jsd": "L-DEMOJSD JSD (bits) of recommended-item distributions, persona vs unmarked "
-        "(group persona=<id>; persona=all: mean)",
-        "llm_demo_jsd_genre": "L-DEMOJSD JSD (bits) of recommended-genre distributions, persona vs unmarked",
-        "llm_demo_marked_words": "Marked Words (|z| > 1.96) in the persona's answers vs unmarked",
-        "llm_demo_svm_acc": "linear-SVM (TF-IDF) cross-validated accuracy, persona vs unmarked answers",
-        "llm_demo_hall_rate": "L-HALL of the probe answers (all personas)",
-    }
-
-    PROMPT = "Recommend {n} movies for {persona}. Answer with a numbered list of movie titles only."
-
-    def setup(self, world, seed, suite):
-        self._probe = _Probe()
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        self._probe = _Probe()
-
-    def compute(self, model, fb, popularity):
-        ctx = getattr(model, "policy_context", None) or getattr(model.policy, "context", None)
-        profs = find_profilers(model.policy)
-        if ctx is None or not profs or not has_service(ctx):
-            return []
-        cfg = profs[0].params.demographic_probe
-        if cfg.every == 0 or model.t % cfg.every != 0:
-            return []
-        world = model.world
-        personas = build_personas(world, cfg)
-        if len(personas) < 2:
-            return []
-        return self.probe(get_service(ctx), world, personas, cfg, model)
-
-    def probe(self, svc, world, personas, cfg: DemographicProbe, model=None) -> list[tuple[str, str, float]]:
-        from recloop.analysis import llm_metrics as L
-
-        from .matching import TitleMatcher
-
-        n_items = world.items.n
-        genres = world.items.genres[:n_items].astype(np.float64)
-        pop = np.zeros(n_items)
-        if model is not None:
-            mp = np.asarray(model.popularity, np.float64)[:n_items]
-            pop[: len(mp)] = mp
-        # each persona's genre prior: mean history genre share of its members (the metric user sample)
-        priors = []
-        sample = model.metrics._sample if model is not None else np.arange(world.users.n)
-        sample = sample[sample < world.users.n]
-        if model is not None and len(sample):
-            ptr, items = model.history.csr(sample)
-            lens = np.diff(ptr)
-            owner = np.repeat(np.arange(len(sample)), lens)
-            sh = np.zeros((len(sample), genres.shape[1]))
-            np.add.at(sh, owner, genres[items])
-            has = lens > 0
-            sh[has] /= lens[has, None]
-        else:
-            sh, has = np.zeros((0, genres.shape[1])), np.zeros(0, bool)
-        base_prior = sh[has].mean(axis=0) if has.any() else np.full(genres.shape[1], 1.0 / genres.shape[1])
-        for _pid, _phrase, mask in personas:
-            sel = has & mask[sample] if len(sample) else has
-            priors.append(sh[sel].mean(axis=0) if sel.any() else base_prior)
-        # the surrogate knows the catalog it was built with (later phantom or creator items are unknown to it)
-        known = len(getattr(svc.inner, "titles", None) or []) if svc.uses_payload else n_items
-        known = min(known or n_items, n_items)
-        cands = np.argsort(-pop[:known], kind="stable")[: min(cfg.candidates, known)]
-        eps = 1e-6
-        reqs_by_seed: list[list[LLMRequest]] = []
-        catalog = svc.catalog_fingerprint() if svc.uses_payload else None
-        for s in range(cfg.samples):
-            reqs = []
-            for (pid, phrase, _), prior in zip(personas, priors, strict=True):
-                prompt = self.PROMPT.format(n=cfg.n, persona=phrase)
-                payload: dict[str, Any] = {}
-                if svc.uses_payload:
-                    tilt = np.log((prior + eps) / (base_prior + eps))
-                    rel = cfg.strength * (genres[cands] @ tilt)
-                    payload = {
-                        "candidates": cands,
-                        "relevance": rel,
-                        "popularity": pop[cands],
-                        "n": cfg.n,
-                        "seed": s,
-                        "persona": pid,
-                        "catalog": catalog,
-                    }
-                reqs.append(LLMRequest(prompt, "recommend", payload))
-            reqs_by_seed.append(reqs)
-        base = svc.params
-        texts: list[list[str]] = [[] for _ in personas]
-        seeds_of: list[list[int]] = [[] for _ in personas]
-        for s, reqs in enumerate(reqs_by_seed):
-            params = GenerationParams(
-                max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=s, top_p=base.top_p
-            )
-            for j, resp in enumerate(svc.generate(reqs, "probe", params=params)):
-                if not resp.failed:
-                    texts[j].append(resp.text)
-                    seeds_of[j].append(s)
-        if self._probe.matcher is None or self._probe.n_titles != n_items:
-            self._probe.matcher = TitleMatcher(list(world.items.titles[:n_items]))
-            self._probe.n_titles = n_items
-        matcher = self._probe.matcher
-        item_lists, genre_dists, all_matches, docs = [], [], [], []
-        gnames = list(world.items.genre_names)
-        for tl in texts:
-            items, dl = [], []
-            for t in tl:
-                ms = matcher.match(parse_title_list(t, max_items=cfg.n))
-                all_matches.append([tuple(m) for m in ms])
-                got = [int(m.item) for m in ms if m.item >= 0]
-                items.extend(got)
-                # the SVM document: the answer plus its matched items' genre labels (titles alone
-                # share too few words across answers for a linear model to generalise)
-                labels = [gnames[g] for i in got for g in np.flatnonzero(genres[i] > 0)]
-                dl.append(t + "\n" + " ".join(x.replace("-", "").replace("'", "") for x in labels))
-            item_lists.append(items)
-            docs.append(dl)
-            genre_dists.append(genres[items].sum(axis=0) if items else np.zeros(genres.shape[1]))
-        rows: list[tuple[str, str, float]] = []
-        acc: dict[str, list[float]] = {}
-
-        def add(name, pid, v):
-            if v is not None and np.isfinite(v):
-                rows.append((name, f"role=probe,phase=generation,persona={pid}", float(v)))
-                acc.setdefault(name, []).append(float(v))
-
-        for j in range(1, len(personas)):
-            pid = personas[j][0]
-            if not texts[j] or not texts[0]:
-                continue
-            add(
-                "llm_demo_jsd",
-                pid,
-                L.jsd_from_samples(item_lists[j], item_lists[0])
-                if item_lists[j] and item_lists[0]
-                else float("nan"),
-            )
-            add("llm_demo_jsd_genre", pid, L.jsd(genre_dists[j], genre_dists[0]))
-            add("llm_demo_marked_words", pid, float(len(L.marked_words(texts[j], texts[0]))))
-            try:
-                add(
-                    "llm_demo_svm_acc",
-                    pid,
-                    svm_separability_paired(docs[j], docs[0], seeds_of[j], seeds_of[0]),
-                )
-            except ImportError:
-                pass
-        for name, vals in acc.items():
-            rows.append((name, "role=probe,phase=generation,persona=all", float(np.mean(vals))))
-        if all_matches:
-            hs = L.hallucination_stats(all_matches)
-            if np.isfinite(hs["hall_rate"]):
-                rows.append(("llm_demo_hall_rate", "role=probe,phase=generation", float(hs["hall_rate"])))
-        return rows
