@@ -89,6 +89,7 @@ def register(kind: str, name: str):
         if params is not None and params.model_config.get("extra") != "forbid":
             raise TypeError(f"{cls.__name__}.Params must forbid extra keys (subclass recloop.registry.Params)")
         doc = (cls.__doc__ or "").strip()
+        _check_unique(kind, name, cls)
         _REGISTRY[kind][name] = Spec(kind, name, cls, doc)
         cls.registry_kind = kind
         cls.registry_name = name
@@ -97,16 +98,28 @@ def register(kind: str, name: str):
     return deco
 
 
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_unique(kind: str, name: str, cls: type) -> None:
+    """Two different classes may not claim one id (the same class re-registered, e.g. a reloaded
+    module or a re-run notebook cell, replaces its earlier self)."""
+    old = _REGISTRY[kind].get(name)
+    if old is not None and _qualname(old.cls) != _qualname(cls):
+        raise ValueError(f"{kind} '{name}' is already registered by {_qualname(old.cls)}; {_qualname(cls)} "
+                         "cannot register the same name. Choose another name (or a versioned one, "
+                         f"'{name}-v2').")
+
+
 def load_builtins() -> None:
+    """Import the modules that register the built-in components. An ImportError inside them is a bug
+    and propagates; optional dependencies (torch, transformers, ...) are imported only when used."""
     if _LOADED["builtins"]:
         return
     _LOADED["builtins"] = True
     for mod in BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:  # a module not written yet, or an optional dependency
-            if not (exc.name or "").startswith("recloop"):
-                raise
+        importlib.import_module(mod)
 
 
 def load_plugins() -> None:
@@ -115,7 +128,11 @@ def load_plugins() -> None:
         return
     _LOADED["plugins"] = True
     for ep in entry_points(group="recloop.plugins"):
-        obj = ep.load()
+        try:
+            obj = ep.load()
+        except ImportError as exc:  # a broken plugin names itself instead of failing somewhere deep
+            raise ImportError(f"the recloop plugin entry point '{ep.name}' ({ep.value}) failed to import: "
+                              f"{exc}") from exc
         if callable(obj):
             obj()
 
