@@ -119,7 +119,7 @@ def profile_hallucination(
 ) -> dict[str, float]:
     """L-PROFHALL for one user's profile: 1 - precision of its atomic claims.
 
-    ``claims`` come from :func:`~recloop.recommenders.llm.parsing.parse_profile_claims`:
+    ``claims`` come from :func:`~recloop.recommenders.llm.profile_claims.parse_profile_claims`:
     ``("likes"|"dislikes", genre)`` or ``("claims", "demographic:<word>")``. ``genre_shares[g]`` is
     share_u(g) = mean over the history of p(g|i), aligned with ``genres``.
 

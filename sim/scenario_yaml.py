@@ -224,6 +224,9 @@ def parse_yaml(text: str, file: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "nesting depth" in problem:  # newer libyaml stops deep documents itself, before our composer
+            raise RecloopInputError(f"the YAML document is nested too deep{where}; scenario files are limited to "
+                                    f"{MAX_YAML_DEPTH} levels of nesting.", file=file) from None
         raise RecloopInputError(f"YAML syntax error{where}: {clip(problem)}.", file=file) from None
     except (ValueError, OverflowError, RecursionError) as exc:  # e.g. an int with more than 4300 digits
         raise RecloopInputError(f"a YAML value cannot be read ({clip(exc)}).", file=file) from None

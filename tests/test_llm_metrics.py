@@ -27,12 +27,12 @@ from recloop.recommenders.llm.matching import Match, TitleMatcher, normalise_tit
 from recloop.recommenders.llm.parsing import (
     FailureReason,
     ParseError,
-    parse_profile_claims,
     parse_ranking,
     parse_title_list,
     parse_title_list_checked,
     response_failure,
 )
+from recloop.recommenders.llm.profile_claims import parse_profile_claims
 
 # --------------------------------------------------------------------------------------------
 # L-HALL: normalisation and matching

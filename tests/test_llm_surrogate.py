@@ -10,7 +10,8 @@ import pytest
 
 from recloop.analysis.llm_metrics import hallucination_stats, lpd, profile_hallucination
 from recloop.recommenders.llm.matching import TitleMatcher, normalise_title, ratio
-from recloop.recommenders.llm.parsing import parse_profile_claims, parse_ranking, parse_title_list
+from recloop.recommenders.llm.parsing import parse_ranking, parse_title_list
+from recloop.recommenders.llm.profile_claims import parse_profile_claims
 from recloop.recommenders.llm.surrogate import SurrogateLLM, SurrogateParams
 from recloop.recommenders.llm.surrogate_fit import calibrate, expected_lpd_fn, fit_beta, fit_rho, validate_surrogate
 from recloop.recommenders.llm.types import GenerationParams, LLMRequest

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from .matching import TitleMatcher
-from .parsing import parse_profile_claims, parse_ranking, parse_title_list
+from .parsing import parse_ranking, parse_title_list
+from .profile_claims import parse_profile_claims
 from .types import GenerationParams, LLMRequest
 
 __all__ = ["Probe", "ProbeSet", "build_probes", "run_probes", "measure", "cluster_se"]

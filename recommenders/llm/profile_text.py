@@ -15,7 +15,7 @@ from recloop.limits import MAX_ITEMS, MAX_ITERATIONS, MAX_K, MAX_STEPS, MAX_TOKE
 from recloop.recommenders.base import TrainingData
 from recloop.registry import Params
 
-from .parsing import parse_profile_claims
+from .profile_claims import parse_profile_claims
 
 #: Phrases a model uses for MovieLens genres (extra to plural / hyphen variants).
 GENRE_ALIASES = {
@@ -199,6 +199,15 @@ def item_texts(world, start: int = 0, end: int | None = None) -> list[str]:
         g = _item_genre_names(world, i)
         out.append(f"{world.items.titles[i]} — {', '.join(g)}" if g else str(world.items.titles[i]))
     return out
+
+
+def history_lines(world, items: np.ndarray) -> str:
+    """The history of the profiler's prompt: one '- Title (Genre, Genre)' line per item."""
+    lines = []
+    for i in items.tolist():
+        gn = _item_genre_names(world, i)
+        lines.append(f"- {world.items.titles[i]}" + (f" ({', '.join(gn)})" if gn else ""))
+    return "\n".join(lines)
 
 
 def history_genre_priors(world, data: TrainingData, cfg: DemographicProbe) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

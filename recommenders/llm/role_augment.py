@@ -37,9 +37,11 @@ from recloop.recommenders.base import PROVENANCE, Policy, PolicyContext, Trainin
 from recloop.registry import Params, register
 from recloop.sim.rng import component_rng, derive_key, hash_u64
 
+from .augment_candidates import candidate_pools, pool_relevance
+from .augment_stats import generation_stats
 from .matching import TitleMatcher
 from .parsing import parse_title_list_checked
-from .roles import _history_items, _pad, _titles_line, _zscore_rows, match_titles
+from .roles import _history_items, _pad, _titles_line, match_titles
 from .service import get_service
 from .types import LLMRequest
 
@@ -159,43 +161,6 @@ class LLMAugmented(Policy):
         self.phantom = _pad(self.phantom, n, False)
         self.aug_counts = _pad(self.aug_counts, n, 0)
 
-    def _pools(self, users, history, real_ids, cold_pool, rng) -> list[np.ndarray]:
-        """Candidate pools (unconsumed items, ~cold_share of them cold, shuffled), vectorised over users:
-        draws with replacement, first occurrences kept, consumed items dropped."""
-        p = self.params
-        U = len(users)
-        m = min(p.candidates, len(real_ids))
-        n_cold = min(int(round(p.cold_share * m)), len(cold_pool))
-        wc, wr = 2 * n_cold, 2 * m + 8
-        parts = [cold_pool[rng.integers(0, len(cold_pool), size=(U, wc))]] if n_cold else []
-        parts.append(real_ids[rng.integers(0, len(real_ids), size=(U, wr))])
-        X = np.concatenate(parts, axis=1)
-        W = X.shape[1]
-        keep = np.ones_like(X, dtype=bool)
-        if history is not None and getattr(history, "nnz", 1):
-            keep &= ~history.contains(np.repeat(users, W), X.ravel()).reshape(U, W)
-        order = np.argsort(X, axis=1, kind="stable")
-        xs = np.take_along_axis(X, order, axis=1)
-        dup_sorted = np.zeros_like(keep)
-        dup_sorted[:, 1:] = xs[:, 1:] == xs[:, :-1]
-        dup = np.empty_like(keep)
-        np.put_along_axis(dup, order, dup_sorted, axis=1)
-        keep &= ~dup
-        if wc:
-            cold_col = np.arange(W)[None, :] < wc
-            keep &= ~cold_col | (np.cumsum(keep & cold_col, axis=1) <= n_cold)
-        keep &= np.cumsum(keep, axis=1) <= m
-        full = keep.sum(axis=1) == m
-        out: list[np.ndarray] = [np.zeros(0, np.int64)] * U
-        if full.any():
-            rows = np.flatnonzero(full)
-            P = rng.permuted(X[rows][keep[rows]].reshape(len(rows), m), axis=1)
-            for j, r in enumerate(rows.tolist()):
-                out[r] = P[j]
-        for r in np.flatnonzero(~full).tolist():
-            out[r] = rng.permutation(X[r, keep[r]])
-        return out
-
     def augment(self, world, step: int) -> tuple[np.ndarray, np.ndarray] | None:
         """One generation round: ask, parse, match, log. Returns the augmented (users, items) or None."""
         p = self.params
@@ -223,24 +188,9 @@ class LLMAugmented(Policy):
         seed_key = derive_key(self.context.seed, "llm_augment.seed", step)
         seeds = hash_u64(seed_key, users)
         catalog = svc.catalog_fingerprint() if svc.uses_payload else None
-        pools = self._pools(users, history, real_ids, cold_pool, rng)
+        pools = candidate_pools(users, history, real_ids, cold_pool, rng, p.candidates, p.cold_share)
         # relevance an LLM can read off titles: genre similarity to the user's history (z-scored per user)
-        U = len(users)
-        width = max((len(q) for q in pools), default=0)
-        P = np.full((U, width), -1, np.int64)
-        for r, q in enumerate(pools):
-            P[r, : len(q)] = q
-        mask = P >= 0
-        lens = np.diff(ptr)
-        owner = np.repeat(np.arange(U), lens)
-        share = np.zeros((U, genres.shape[1]))
-        np.add.at(share, owner, genres[hist])
-        G = genres[np.maximum(P, 0)].astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cos = np.einsum("umg,ug->um", G, share) / (
-                np.linalg.norm(G, axis=2) * np.linalg.norm(share, axis=1, keepdims=True) + 1e-12
-            )
-        rel_all = np.where((lens > 0)[:, None], _zscore_rows(cos, mask), 0.0)
+        rel_all = pool_relevance(pools, ptr, hist, genres)
         template = p.prompt or self.DEFAULT_PROMPT
         reqs: list[LLMRequest] = []
         for r, u in enumerate(users.tolist()):
@@ -283,20 +233,8 @@ class LLMAugmented(Policy):
             if model is not None:
                 model.log.add(max(step - 1, -1), au, ai, PROVENANCE["llm_augmented"], initial=step == 0)
         self.seq += 1
-        self.last = self._generation_stats(
-            step,
-            len(users),
-            col["n_fallback"],
-            col["hall_matches"],
-            col["cands_used"],
-            col["out_pops"],
-            col["ref_pops"],
-            col["matched_items"],
-            col["n_cold_out"],
-            pop,
-            len(au),
-            n_new,
-        )
+        stats = generation_stats(col, pop, self.phantom, len(users), len(au), n_new)
+        self.last = {"seq": self.seq, "step": step, "stats": stats}
         if model is None or not len(au):
             return None
         return au, ai
@@ -449,50 +387,6 @@ class LLMAugmented(Policy):
                 aug_u.extend([u] * len(its))
                 aug_i.extend(its)
         return n_new
-
-    def _generation_stats(
-        self,
-        step,
-        n_users,
-        n_fallback,
-        hall_matches,
-        cands,
-        out_pops,
-        ref_pops,
-        matched_items,
-        n_cold_out,
-        pop,
-        n_aug,
-        n_new,
-    ) -> dict[str, Any]:
-        from recloop.analysis import llm_metrics as L
-        from recloop.analysis.metrics import short_head_mask
-
-        stats: dict[str, float] = {}
-        if hall_matches:
-            hs = L.hallucination_stats(hall_matches, cands)
-            stats.update(
-                hall_rate=hs["hall_rate"],
-                duplicate_rate=hs["duplicate_rate"],
-                out_of_candidate_rate=hs["out_of_candidate_rate"],
-                match_score=hs["mean_match_score"],
-                n_generated=hs["n_generated"],
-            )
-            stats["lpd"] = L.lpd(out_pops, ref_pops) if out_pops else float("nan")
-            real_pop = pop[~self.phantom[: len(pop)]]
-            real_ids = np.flatnonzero(~self.phantom[: len(pop)])
-            if matched_items and real_pop.sum() > 0:
-                remap = np.full(len(pop), -1, np.int64)
-                remap[real_ids] = np.arange(len(real_ids))
-                items = remap[np.asarray(matched_items, np.int64)]
-                dist = L.distributional_popbias(items[items >= 0], real_pop, short_head_mask(real_pop))
-                stats["head_share"] = dist["head_share"]
-                stats["ks_catalog"] = dist["ks_catalog"]
-            stats["cold_share"] = n_cold_out / len(matched_items) if matched_items else float("nan")
-        stats["malformed_rate"] = n_fallback / n_users if n_users else float("nan")
-        stats["augmented"] = float(n_aug)
-        stats["new_phantoms"] = float(n_new)
-        return {"seq": self.seq, "step": step, "stats": stats}
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ user when the backend is the surrogate and there are at most ``max_first_refresh
 user's most recent ``history_items`` items (titles and genre names) and, with ``use_demographics``,
 the user's attributes. The profile is
 
-* parsed into atomic claims (:func:`~.parsing.parse_profile_claims`) and scored against the user's
+* parsed into atomic claims (:func:`~.profile_claims.parse_profile_claims`) and scored against the user's
   history genre shares and side information (L-PROFHALL, stereotyped-claim rate), and
 * embedded with all-MiniLM-L6-v2 (:mod:`.embedding`; items are embedded once from "title — genres"),
   and used as user features: score_ui = z_u(base score_ui) + weight · cos(profile_u, item_i), where
@@ -52,13 +52,15 @@ from recloop.recommenders.base import Policy, PolicyContext, TrainingData
 from recloop.registry import Params, register
 from recloop.sim.rng import component_rng, derive_key, hash_u64
 
+from .profile_factors import popularity_scores, principal_directions, rank_shift, standardise_rows, standardised_factors
+from .profile_report import refresh_stats, user_record
 from .profile_text import (
     DemographicProbe,
     _describe_user,
-    _item_genre_names,
     _side_info,
     claims_memoised,
     history_genre_priors,
+    history_lines,
     item_texts,
     recent_items,
 )
@@ -213,11 +215,7 @@ class LLMProfiler(Policy):
             new = self.embedder.encode(item_texts(world, have, n))
             self._item_emb = new if have == 0 else np.concatenate([self._item_emb, new])
         if self.proj is None and self.params.project_dims is not None:
-            e = self._item_emb[:n].astype(np.float64)
-            r = min(self.params.project_dims, e.shape[1], e.shape[0])
-            # right singular vectors of E = eigenvectors of the (dim x dim) Gram matrix E^T E
-            w, v = np.linalg.eigh(e.T @ e)
-            self.proj = np.ascontiguousarray(v[:, np.argsort(-w)[:r]]).astype(np.float32)
+            self.proj = principal_directions(self._item_emb[:n], self.params.project_dims)
         return self._item_emb[:n]
 
     def _project(self, x: np.ndarray) -> np.ndarray:
@@ -290,8 +288,6 @@ class LLMProfiler(Policy):
 
     def refresh(self, world, step: int) -> dict[str, Any]:
         """One profiling round: prompt, generate, parse, score (ProfHall), embed. Returns its report."""
-        from recloop.analysis import llm_metrics as L
-
         p = self.params
         svc = self.service
         data = self._training_data(world)
@@ -313,13 +309,9 @@ class LLMProfiler(Policy):
             prior = self._priors[g] if (p.use_demographics and g >= 0) else self._priors[-1]
             shares_l.append(share)
             prior_l.append(self._priors[g] if g >= 0 else self._priors[-1])
-            shown = h[: p.history_items]
-            lines = []
-            for i in shown.tolist():
-                gn = _item_genre_names(world, i)
-                lines.append(f"- {world.items.titles[i]}" + (f" ({', '.join(gn)})" if gn else ""))
             demo = (_describe_user(attrs, u) + "\n") if (p.use_demographics and attrs) else ""
-            prompt = template.format(history="\n".join(lines), demographics=demo, noun=p.item_noun)
+            history = history_lines(world, h[: p.history_items])
+            prompt = template.format(history=history, demographics=demo, noun=p.item_noun)
             payload: dict[str, Any] = {}
             if svc.uses_payload:
                 payload = {
@@ -353,27 +345,8 @@ class LLMProfiler(Policy):
             if claims is None:
                 claims = parsed[text] = self._claims(text, names)
             side = _side_info(attrs, u)
-            ph = L.profile_hallucination(
-                claims,
-                shares_l[r],
-                names,
-                tau_like=p.tau_like,
-                tau_dis=p.tau_dis,
-                side_info=side,
-                prior=prior_l[r],
-            )
             per_user.append(
-                {
-                    "user": u,
-                    "claims": claims,
-                    "prof_hall": ph["prof_hall"],
-                    "stereotyped_rate": ph["stereotyped_rate"],
-                    "n_claims": int(ph["n_claims"]),
-                    "n_supported": int(ph["n_supported"]),
-                    "demographic_claims": sum(1 for c in claims if c[0] == "claims"),
-                    "shares": {names[g]: round(float(s), 4) for g, s in enumerate(shares_l[r]) if s > 0},
-                    "demographics": side,
-                }
+                user_record(u, claims, shares_l[r], prior_l[r], names, side, tau_like=p.tau_like, tau_dis=p.tau_dis)
             )
             ok_users.append(u)
             ok_texts.append(text)
@@ -392,26 +365,7 @@ class LLMProfiler(Policy):
             self.profiles[idx] = emb
             self.has_profile[idx] = True
             self.version += 1
-        ph_vals = [d["prof_hall"] for d in per_user if np.isfinite(d["prof_hall"])]
-        st_vals = [d["stereotyped_rate"] for d in per_user if np.isfinite(d["stereotyped_rate"])]
-        n_claims = sum(d["n_claims"] for d in per_user)
-        stats = {
-            "prof_hall": float(np.mean(ph_vals)) if ph_vals else float("nan"),
-            "prof_hall_micro": (1.0 - sum(d["n_supported"] for d in per_user) / n_claims)
-            if n_claims
-            else float("nan"),
-            "stereotyped_rate": float(np.mean(st_vals)) if st_vals else float("nan"),
-            "claims_per_profile": n_claims / len(per_user) if per_user else float("nan"),
-            "demographic_claim_share": (sum(d["demographic_claims"] for d in per_user) / n_claims)
-            if n_claims
-            else float("nan"),
-            "no_claim_share": (sum(1 for d in per_user if d["n_claims"] == 0) / len(per_user))
-            if per_user
-            else float("nan"),
-            "malformed_rate": n_failed / len(users) if len(users) else float("nan"),
-            "profiles": float(len(ok_users)),
-            "stability": stability,
-        }
+        stats = refresh_stats(per_user, n_failed, len(users), len(ok_users), stability)
         self.seq += 1
         report = {"seq": self.seq, "step": step, "stats": stats, "users": per_user}
         self.reports.append(report)
@@ -442,35 +396,10 @@ class LLMProfiler(Policy):
         if self.base is not None and base_f is None:
             return None  # a base without factors: score() handles it
         P, E = self._profile_matrix(world)
-        cap = P.shape[0]
         if base_f is None:  # profile only; popularity breaks ties (and orders users without a profile)
-            pop = np.zeros(n_items)
-            pop[: min(n_items, len(self.pop))] = self.pop[:n_items]
-            lp = np.log1p(pop)
-            b = (1e-3 * (lp - lp.mean()) / (lp.std() or 1.0)).astype(np.float32)
-            out = (P, E, b)
+            out = (P, E, popularity_scores(self.pop, n_items))
         else:
-            U, V, b = base_f
-            U = np.asarray(U, np.float64)
-            V = np.asarray(V[:n_items], np.float64)
-            bb = np.zeros(n_items) if b is None else np.asarray(b[:n_items], np.float64)
-            Ut = np.concatenate([U, np.ones((U.shape[0], 1))], axis=1)
-            Vt = np.concatenate([V, bb[:, None]], axis=1)
-            m = Vt.mean(axis=0)
-            C = np.cov(Vt, rowvar=False, bias=True) if n_items > 1 else np.zeros((Vt.shape[1],) * 2)
-            C = np.atleast_2d(C)
-            mu = Ut @ m
-            sd = np.sqrt(np.maximum(np.sum((Ut @ C) * Ut, axis=1), 0.0))
-            sd = np.where(sd > 1e-12, sd, 1.0)
-            rows = max(cap, Ut.shape[0])
-            Uz = np.zeros((rows, Vt.shape[1] + 1), np.float32)
-            Uz[: Ut.shape[0], :-1] = Ut / sd[:, None]
-            Uz[: Ut.shape[0], -1] = -mu / sd
-            Pz = np.zeros((rows, P.shape[1]), np.float32)
-            Pz[: P.shape[0]] = P
-            Ufull = np.concatenate([Uz, Pz], axis=1)
-            Vfull = np.concatenate([Vt, np.ones((n_items, 1)), E], axis=1).astype(np.float32)
-            out = (np.ascontiguousarray(Ufull), np.ascontiguousarray(Vfull), None)
+            out = standardised_factors(base_f, P, E, n_items)
         self._factor_cache = (key, out)
         return out
 
@@ -479,16 +408,8 @@ class LLMProfiler(Policy):
         users = np.asarray(users, np.int64)
         n_items = world.items.n
         if self.base is None:
-            pop = np.zeros(n_items)
-            pop[: min(n_items, len(self.pop))] = self.pop[:n_items]
-            lp = np.log1p(pop)
-            return np.tile((1e-3 * (lp - lp.mean()) / (lp.std() or 1.0)).astype(np.float32), (len(users), 1))
-        s = np.asarray(self.base.score(users, world, step), np.float64)[:, :n_items]
-        s = np.where(np.isfinite(s), s, np.nan)
-        mu = np.nanmean(s, axis=1, keepdims=True)
-        sd = np.nanstd(s, axis=1, keepdims=True)
-        z = (s - mu) / np.where(sd > 1e-12, sd, 1.0)
-        return np.where(np.isfinite(z), z, -1e9).astype(np.float32)
+            return np.tile(popularity_scores(self.pop, n_items), (len(users), 1))
+        return standardise_rows(np.asarray(self.base.score(users, world, step), np.float64)[:, :n_items])
 
     def score(self, users, world, step=0):
         self.maybe_refresh(world, step)
@@ -524,12 +445,7 @@ class LLMProfiler(Policy):
             return float("nan")
         P, E = self._profile_matrix(world)
         base = self.base_scores(users, world, step)
-        full = base + P[users] @ E.T
-        kk = min(k, base.shape[1])
-        a = np.argpartition(-base, kk - 1, axis=1)[:, :kk]
-        b = np.argpartition(-full, kk - 1, axis=1)[:, :kk]
-        inter = np.array([len(np.intersect1d(x, y)) for x, y in zip(a, b, strict=True)])
-        return float(np.mean(1.0 - inter / kk))
+        return rank_shift(base, base + P[users] @ E.T, k)
 
     # -- checkpoints --------------------------------------------------------------------------------
     _STATE = (
