@@ -101,9 +101,10 @@ def _unknown_message(unknown: list[str], available: list[str], recorded: set[str
     parts = []
     for m in unknown:
         why = " is recorded only by group, which the plot does not draw" if m in recorded else ""
-        parts.append(f"'{m}'{why}.{did_you_mean(m, available)}")
+        hint = did_you_mean(m, available).strip()
+        parts.append(f"'{m}'{why}" + (f" ({hint[0].lower()}{hint[1:]})" if hint else ""))
     noun = "metric" if len(unknown) == 1 else "metrics"
-    return (f"unknown {noun} for --metrics: {' '.join(parts)} Metrics in this run: "
+    return (f"unknown {noun} for --metrics: {'; '.join(parts)}. Metrics in this run: "
             f"{', '.join(available) or '(none)'}.")
 
 
@@ -136,13 +137,19 @@ def figure_metrics(df: pl.DataFrame, metrics: list[str] | None = None, title: st
         _panel(ax, summary.filter(pl.col("metric") == name), name, policies, colors)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # cycles are whole numbers
+        ax.xaxis.set_tick_params(labelbottom=True)  # also above an empty slot of the grid
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.supxlabel("cycle", fontsize=8)
-    fig.tight_layout(rect=(0, 0.3 / (2.6 * rows), 1, 1 - 0.5 / (2.6 * rows)))
+    inch = 1 / (2.6 * rows)  # one inch of figure height, as a fraction
+    fig.supxlabel("cycle", fontsize=8, y=0.22 * inch, va="bottom")  # above the footnote, never on it
+    fig.tight_layout(rect=(0, 0.45 * inch, 1, 1 - 0.5 * inch))
     top = 1 - 0.25 / (2.6 * rows)
     fig.legend(handles, labels, loc="center", bbox_to_anchor=(0.5, top), ncol=min(max(len(labels), 1), 6),
                fontsize=8, frameon=False, title=title or None, title_fontsize=9)
-    fig.text(0.5, 0.0, band_note(df), ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.text(0.5, 0.02 * inch, band_note(df), ha="center", va="bottom", fontsize=7, color="0.35")
     return fig
 
 

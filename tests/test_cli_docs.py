@@ -74,7 +74,7 @@ def test_plot_unknown_metric_exits_2_listing_valid_names(tmp_path, capsys):
     run = _write_run(tmp_path, _metrics_df())
     assert _main(["plot", str(run), "--metrics", "utilty,coverage_cum"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "'utilty'" in err and "Did you mean 'utility'?" in err
+    assert "'utilty' (did you mean 'utility'?)" in err
     assert "Metrics in this run: coverage_cum, my_metric, utility." in err
     assert "Traceback" not in err
     assert _main(["plot", str(run), "--metrics", "pop_lift"]) == 2
