@@ -305,30 +305,31 @@ class Utility(MetricComponent):
 
 class _Before:
     """History as it was before this cycle's consumption (M-UTIL: the oracle's best item is among the
-    items unconsumed *before* the choice, so a user who picked the best item has zero regret).
+    items unconsumed *before* the cycle, so a user who picked the best item has zero regret).
 
-    One definition for any number of users or pairs (it used to keep this cycle's pairs, and so
-    change the regret, once a chunk of users held 50,000 history pairs or more)."""
+    "This cycle's consumption" is every pair consumed in it (``Feedback.consumed``: the picks from
+    slates, extra accepts of multi-accept choice models, organic picks), else the chosen items. One
+    definition for any number of users or pairs (it used to keep this cycle's pairs, and so change the
+    regret, once a chunk of users held 50,000 history pairs or more)."""
 
     def __init__(self, history, fb):
         self.history = history
-        hit = fb.chosen_item >= 0
-        users, items = np.asarray(fb.users[hit], np.int64), np.asarray(fb.chosen_item[hit], np.int64)
-        order = np.argsort(users, kind="stable")  # feedback users are sorted already; cheap to be sure
-        self.users, self.items = users[order], items[order]
-
-    def consumed(self, users: np.ndarray) -> np.ndarray:
-        """The item each user consumed this cycle, or -1."""
-        users = np.asarray(users, np.int64)
-        if len(self.users) == 0:
-            return np.full(len(users), -1, np.int64)
-        pos = np.minimum(np.searchsorted(self.users, users), len(self.users) - 1)
-        return np.where(self.users[pos] == users, self.items[pos], -1)
+        if fb.consumed is not None:
+            users, items = (np.asarray(a, np.int64) for a in fb.consumed)
+        else:
+            hit = fb.chosen_item >= 0
+            users, items = np.asarray(fb.users[hit], np.int64), np.asarray(fb.chosen_item[hit], np.int64)
+        self.stride = int(items.max()) + 2 if len(items) else 1
+        self.keys = np.unique(users * self.stride + items)  # sorted (user, item) keys of this cycle
 
     def pairs(self, users):
         """History (row, item) pairs of ``users`` without the pairs consumed this cycle."""
+        users = np.asarray(users, np.int64)
         r, c = self.history.pairs(users)
-        if not len(r):
+        if not len(r) or not len(self.keys):
             return r, c
-        keep = c != self.consumed(users)[r]
+        inside = c < self.stride - 1  # items beyond this cycle's largest id were not consumed in it
+        keys = users[r] * self.stride + np.where(inside, c, 0)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        keep = ~(inside & (self.keys[pos] == keys))
         return r[keep], c[keep]

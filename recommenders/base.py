@@ -80,6 +80,9 @@ class Feedback:
     chosen_pos: np.ndarray  # (n,) position in slate, -1 = no click
     chosen_item: np.ndarray  # (n,) item id, -1 = no click
     utility: np.ndarray  # (n,) realised true utility (0 for no click)
+    #: every (users, items) pair consumed this cycle: picks from slates, extra accepts of multi-accept
+    #: choice models and organic picks (None: only ``chosen_item``)
+    consumed: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class Policy:

@@ -122,6 +122,8 @@ class FeedbackLoop(mesa.Model):
         if len(self.popularity) < self.world.items.n:
             self.popularity = np.concatenate([self.popularity, np.zeros(self.world.items.n - len(self.popularity))])
         np.add.at(self.popularity, items[new], 1.0)
+        if not initial:
+            self._cycle_pairs.append((users, items))
         self.history.add(users, items)
         self.log.add(step, users, items, provenance, initial=initial)
 
@@ -148,6 +150,7 @@ class FeedbackLoop(mesa.Model):
         sc = self.scenario
         w = self.world
         tc = time.perf_counter()
+        self._cycle_pairs: list[tuple[np.ndarray, np.ndarray]] = []  # what users consume in this cycle
         active = self.population.active_users(w, t)
         n = len(active)
         chosen_pos = np.full(n, -1, np.int64)
@@ -209,8 +212,11 @@ class FeedbackLoop(mesa.Model):
                 self.popularity = np.concatenate([self.popularity, np.zeros(w.items.n - len(self.popularity))])
         self.population.step(w, t, clicked, active)
         self.history.ensure_users(w.users.n)
+        pairs = self._cycle_pairs
+        consumed = (np.concatenate([u for u, _ in pairs]), np.concatenate([i for _, i in pairs])) if pairs else \
+            (np.zeros(0, np.int64), np.zeros(0, np.int64))
         feedback = Feedback(step=t, users=active, slates=slates, chosen_pos=chosen_pos, chosen_item=chosen_item,
-                            utility=realised)
+                            utility=realised, consumed=consumed)
         if self.policy.online:
             self.policy.update(feedback, w)
         self.timings["update"].append(time.perf_counter() - t0)

@@ -56,3 +56,28 @@ def test_regret_zero_for_best_choices_with_many_pairs():
         chosen = fb.utility[users]
         assert np.allclose(best[:, 0], chosen, atol=1e-5)
         assert UM.regret(best[:, 0], chosen) / len(users) < 1e-5
+
+
+def test_items_consumed_organically_this_cycle_count_as_unconsumed_before_it():
+    """An organic pick (or an extra accept of a multi-accept model) made in this cycle was unconsumed
+    before the cycle: the oracle may still name it, so a user whose slate pick was worse has regret."""
+    rng = np.random.default_rng(1)
+    prefs = rng.normal(size=(3, 5)).astype(np.float32)
+    attrs = rng.normal(size=(50, 5)).astype(np.float32)
+    util = prefs.astype(np.float64) @ attrs.T.astype(np.float64)
+    hist = History(3)
+    earlier = np.argsort(util[0])[:10]  # consumed in earlier cycles
+    hist.add(np.zeros(10, np.int64), earlier)
+    ranked = [int(i) for i in np.argsort(-util[0]) if i not in set(earlier.tolist())]
+    b1, b2 = ranked[0], ranked[1]
+    # this cycle: the slate pick is the runner-up b2, and the user also took b1 organically
+    hist.add(np.array([0, 0]), np.array([b2, b1]))
+    users = np.array([0], np.int64)
+    fb = Feedback(0, users, np.array([[b2, 1]]), np.array([0]), np.array([b2]),
+                  np.array([util[0, b2]], np.float32), consumed=(np.array([0, 0]), np.array([b2, b1])))
+    r, c = _Before(hist, fb).pairs(users)
+    assert sorted(c.tolist()) == sorted(earlier.tolist())  # both of this cycle's pairs are gone
+    _, top = ScoringEngine("numpy").topk_factors(users, 1, prefs, attrs, exclude=_Before(hist, fb))
+    assert np.isclose(top[0, 0], util[0, b1], atol=1e-5)  # the oracle names b1: regret > 0
+    legacy = Feedback(0, users, fb.slates, fb.chosen_pos, fb.chosen_item, fb.utility)  # chosen items only
+    assert b1 in _Before(hist, legacy).pairs(users)[1].tolist()
