@@ -116,25 +116,7 @@ def test_callbacks_get_canonical_batches_whatever_the_chunk():
         assert seen == [(0, CALLBACK_ROWS), (CALLBACK_ROWS, 2 * CALLBACK_ROWS), (2 * CALLBACK_ROWS, len(U))]
 
 
-SMALL = """
-name: engine-invariance
-seed: 4
-steps: 5
-k: 5
-world: {type: gaussian_clusters, n_users: 300, n_items: 150, dim: 8, n_clusters: 4, n_creators: 6}
-users:
-  choice: {type: mnl, temperature: 0.1, no_click_utility: 0.2, position_bias: 0.5}
-  dynamics: [{type: drift, rate: 0.05}]
-  organic_rate: 0.1
-creators: {type: trecs, creation_prob: 0.2}
-policies:
-  content: {type: content}
-  mf: {type: als, factors: 6, iterations: 3}
-retrain: {every: 2}
-initial_log: {interactions_per_user: 3, slate_size: 8}
-metrics: {pairs: 60, user_sample: 80, regret_sample: 40}
-output: {checkpoint_every: 0, flush_every: 3}
-"""
+from test_engine import SMALL  # noqa: E402  (the engine tests' small scenario: creators, organic picks)
 
 
 def test_identical_under_the_openblas_core_type_of_this_machine_kind(write_yaml, tmp_path):

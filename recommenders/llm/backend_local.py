@@ -27,22 +27,11 @@ from pydantic import Field
 
 from recloop.errors import RecloopInputError
 from recloop.limits import MAX_SAMPLE, MAX_THREADS
+from recloop.registry import Params as _ParamsBase
+from recloop.registry import register as _register
 
 from .backends import _check_pairs, user_cache_dir
 from .types import GenerationParams, LLMBackend, LLMRequest, LLMResponse, as_requests
-
-try:  # the registry is part of recloop; keep this module importable on its own all the same
-    from recloop.registry import Params as _ParamsBase
-    from recloop.registry import register as _register
-except ImportError:  # pragma: no cover - only outside a recloop checkout
-    from pydantic import BaseModel, ConfigDict
-
-    class _ParamsBase(BaseModel):  # type: ignore[no-redef]
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def _register(kind: str, name: str):  # type: ignore[no-redef]
-        return lambda cls: cls
-
 
 log = logging.getLogger(__name__)
 

@@ -60,26 +60,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from recloop.limits import Seed
+from recloop.registry import Params as _ParamsBase
+from recloop.registry import register as _register
 
 from .surrogate_pool import _MASK64, _CatalogPool, _fingerprint
 from .surrogate_tasks import logits_batch, profile_claims_text, rank_text, recommend_batch
 from .types import GenerationParams, LLMBackend, LLMRequest, LLMResponse, as_requests
-
-try:  # the registry is part of recloop; keep this module importable on its own all the same
-    from recloop.registry import Params as _ParamsBase
-    from recloop.registry import register as _register
-except ImportError:  # pragma: no cover - only outside a recloop checkout
-
-    class _ParamsBase(BaseModel):  # type: ignore[no-redef]
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def _register(kind: str, name: str):  # type: ignore[no-redef]
-        return lambda cls: cls
-
-
 
 __all__ = ["SurrogateLLM", "SurrogateParams"]
 
