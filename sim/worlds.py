@@ -194,7 +194,8 @@ class _DataSetWorld(WorldGenerator):
     """
 
     def table(self) -> RatingsTable:
-        raise NotImplementedError
+        """The ratings this world is fitted to; each data-set world (MovieLens, CSV) says where from."""
+        raise NotImplementedError(f"{type(self).__name__} must implement table() (the ratings to fit)")
 
     def fitted(self) -> Fitted:
         """The fitted arrays, cached per (data set, params): treat them as read-only."""
