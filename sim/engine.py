@@ -191,10 +191,10 @@ class ScoringEngine:
             self._run_pooled(bounds, do_chunk, callback, n_workers, min(step, n), n_items)
         else:
             buf = None if self.backend.gpu else self._buffer(min(step, max(n, 1)), n_items)
-            for lo, hi in bounds:
-                with blas_single_thread():  # products on one BLAS thread: results never depend on the core count
+            with blas_single_thread():  # once per call, as on the pool: results never depend on the core count
+                for lo, hi in bounds:
                     do_chunk(lo, hi, buf, False)
-                callback(hi)
+                    callback(hi)
         if key is not None:
             self._remember(key, users, out_i, kk)
         return out_i, out_s

@@ -299,4 +299,4 @@ def test_full_run_identical_with_torch_on_exact_scores(write_yaml, tmp_path):
         # in the final ulp when the machine is loaded and thread partitioning changes)
         from polars.testing import assert_frame_equal
 
-        assert_frame_equal(got, ref, check_exact=False, rtol=1e-9, atol=1e-12)
+        assert_frame_equal(got, ref, check_exact=False, rel_tol=1e-9, abs_tol=1e-12)
