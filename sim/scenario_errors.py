@@ -114,6 +114,8 @@ def _one_error(err: dict, model) -> tuple[str, str]:
         bad = err.get("input")
         bad = bad.get("type") if isinstance(bad, dict) else bad
         opts = registry.names(kind) if kind else []
+        if not key.endswith(".type") and key != "type":
+            key = f"{key}.type"  # the key that holds the unknown id
         return key, (f"key '{key}': unknown {kind or 'component'} type {echo(bad)}.{did_you_mean(str(bad), opts)} "
                      f"Allowed: {', '.join(opts)}.")
     if etype == "union_tag_not_found":

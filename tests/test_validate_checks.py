@@ -191,3 +191,16 @@ def test_deep_merge_keeps_null_the_parent_lacks_and_leaves_inputs_alone():
     assert out == {"a": {"x": 1, "y": {}, "w": None}}
     assert base == {"a": {"x": 1, "y": {"z": 2}}, "b": [1, 2]}
     assert over == {"a": {"y": {"z": None}, "w": None}, "b": None}
+
+
+def test_unknown_component_type_names_the_type_key(write_yaml, capsys):
+    """A misspelt id names the key that holds it (``policies.mf.type``), with a did-you-mean."""
+    cases = {
+        WORLD + "policies: {mf: {type: alss}}\n": ("key 'policies.mf.type'", "Did you mean 'als'?"),
+        "world: {type: chaneyy}\npolicy: {type: random}\n": ("key 'world.type'", "Did you mean 'chaney'?"),
+        WORLD + "policy: {type: randm}\n": ("key 'policy.type'", "Did you mean 'random'?"),
+    }
+    for i, (text, needles) in enumerate(cases.items()):
+        p = write_yaml(text, f"t{i}.yaml")
+        code, err = run_cli(capsys, "validate", p)
+        assert code == 2 and str(p) in err and all(n in err for n in needles), err
