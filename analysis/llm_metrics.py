@@ -1,7 +1,7 @@
 """LLM risk metrics (reference section B): L-HALL, L-PROFHALL, L-POPBIAS, L-DEMOJSD.
 
 All functions take plain Python / numpy inputs (matched item ids, popularity arrays, parsed claims,
-texts), so they work on real-model output and on :mod:`recloop.recommenders.llm.surrogate` output
+texts), so they work on real-model output and on :mod:`recloop.llm.surrogate` output
 alike, per cycle or cumulatively. Empty inputs give NaN rates rather than errors.
 """
 
@@ -50,7 +50,7 @@ def hallucination_stats(
 ) -> dict[str, float]:
     """L-HALL rates over a set of LLM outputs.
 
-    ``matches`` is one output's list of :class:`~recloop.recommenders.llm.matching.Match`
+    ``matches`` is one output's list of :class:`~recloop.llm.matching.Match`
     (``(item, score, exact)``, item -1 = unmatched) or a list of such lists (one per output).
     ``candidates_per_output`` gives the candidate item ids shown in each prompt (None entries or
     None overall: no candidate constraint).
@@ -119,7 +119,7 @@ def profile_hallucination(
 ) -> dict[str, float]:
     """L-PROFHALL for one user's profile: 1 - precision of its atomic claims.
 
-    ``claims`` come from :func:`~recloop.recommenders.llm.profile_claims.parse_profile_claims`:
+    ``claims`` come from :func:`~recloop.llm.profile_claims.parse_profile_claims`:
     ``("likes"|"dislikes", genre)`` or ``("claims", "demographic:<word>")``. ``genre_shares[g]`` is
     share_u(g) = mean over the history of p(g|i), aligned with ``genres``.
 

@@ -51,7 +51,7 @@ def run(
 ) -> list[dict]:
     import torch
 
-    from recloop.recommenders.llm import GenerationParams, TransformersBackend
+    from recloop.llm import GenerationParams, TransformersBackend
 
     if threads:
         torch.set_num_threads(threads)

@@ -65,7 +65,7 @@ def _instrument() -> None:
     """Count the CPU time spent inside the LLM stages (R1 ``augment``, R3 ``rerank``) and the LLM
     metric components, so the overhead can also be read directly (robust to machine load)."""
     from recloop.analysis import llm_collectors as C
-    from recloop.recommenders.llm import role_augment, role_rank
+    from recloop.llm import role_augment, role_rank
 
     def wrap(cls, name):
         f = getattr(cls, name)

@@ -154,7 +154,7 @@ def plot(
 
 def _mount_optional() -> None:
     try:
-        from recloop.recommenders.llm.cli import llm_app
+        from recloop.llm.cli import llm_app
     except ImportError:
         return
     app.add_typer(llm_app, name="llm")

@@ -68,11 +68,11 @@ BUILTIN_MODULES = (
     "recloop.recommenders.rerankers",
     "recloop.analysis.collectors",
     "recloop.analysis.user_collectors",
-    "recloop.recommenders.llm.role_augment",
-    "recloop.recommenders.llm.role_rank",
-    "recloop.analysis.llm_collectors",
-    "recloop.recommenders.llm.role_profile",
-    "recloop.recommenders.llm.profile_metrics",
+    "recloop.llm.role_augment",
+    "recloop.llm.role_rank",
+    "recloop.llm.collectors",
+    "recloop.llm.role_profile",
+    "recloop.llm.profile_metrics",
 )
 
 

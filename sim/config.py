@@ -34,7 +34,7 @@ from recloop.limits import (
     POLICY_NAME_PATTERN,
     Seed,
 )
-from recloop.recommenders.llm.config import LLMConfig
+from recloop.llm.config import LLMConfig
 from recloop.registry import Params
 from recloop.sim.scenario_errors import _unregistered_type_key, check_numbers, format_validation_error
 from recloop.sim.scenario_yaml import (  # noqa: F401  (re-exported: the public loading API lives here)

@@ -274,7 +274,7 @@ class FeedbackLoop(mesa.Model):
 
     @property
     def llm_service(self):
-        """The run's LLM service, if an LLM stage created one (see recloop.recommenders.llm.service)."""
+        """The run's LLM service, if an LLM stage created one (see recloop.llm.service)."""
         return self.policy_context.extra.get("llm_service")
 
     def load_state(self, state: dict) -> None:

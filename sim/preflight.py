@@ -116,7 +116,7 @@ def check_scenario(sc, file: str | None = None) -> None:
         with s.at("engine"):
             s.engine = _engine(sc)
         if sc.llm is not None:
-            from recloop.recommenders.llm.service import LLMService
+            from recloop.llm.service import LLMService
 
             with s.at("llm.backend"):  # the response cache stays off: validating writes nothing
                 s.services.append(LLMService(sc.llm.model_copy(update={"cache": False}), seed=s.seed,

@@ -142,7 +142,7 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
     if svc is not None:
         entry["llm"] = svc.accounting
     elif scenario.llm is not None:  # an LLM scenario: runs without an LLM stage report zeros
-        from recloop.recommenders.llm.accounting import empty_accounting
+        from recloop.llm.accounting import empty_accounting
 
         entry.setdefault("llm", empty_accounting())
     return entry
@@ -309,7 +309,7 @@ def _finish(store: RunStore, manifest: dict) -> None:
     manifest["timings"] = _aggregate(manifest["runs"])
     llm_runs = [r["llm"] for r in manifest["runs"].values() if isinstance(r.get("llm"), dict)]
     if llm_runs:
-        from recloop.recommenders.llm.accounting import sum_accounting
+        from recloop.llm.accounting import sum_accounting
 
         manifest["llm"] = sum_accounting(llm_runs)
     store.write_manifest(manifest)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from recloop import registry
-from recloop.recommenders.llm.types import LLMBackend, LLMResponse
+from recloop.llm.types import LLMBackend, LLMResponse
 from recloop.registry import Params, register
 from recloop.sim.config import validate_mapping
 

@@ -23,7 +23,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from recloop.recommenders.llm.types import GenerationParams, LLMBackend, LLMRequest
+from recloop.llm.types import GenerationParams, LLMBackend, LLMRequest
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -226,7 +226,7 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8001)
     args = ap.parse_args()
-    from recloop.recommenders.llm.backend_local import TransformersBackend
+    from recloop.llm.backend_local import TransformersBackend
 
     server = OpenAICompatServer(TransformersBackend().load(), args.host, args.port)
     print(f"serving on {server.url}", flush=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from recloop.errors import RecloopInputError
-from recloop.recommenders.llm import (
+from recloop.llm import (
     Budget,
     CachedBackend,
     GenerationParams,
@@ -83,7 +83,7 @@ def fresh_server(server):
 
 def test_import_is_light():
     code = (
-        "import sys, recloop.recommenders.llm as m; "
+        "import sys, recloop.llm as m; "
         "heavy = [x for x in ('torch', 'transformers', 'httpx') if x in sys.modules]; "
         "assert not heavy, heavy"
     )
@@ -367,7 +367,7 @@ def test_openai_loglik_unsupported_is_clear(backend, tmp_path):
 @needs_httpx
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python[server]")
 def test_openai_backend_against_llama_cpp_server(tmp_path):
-    from recloop.recommenders.llm.backend_local import find_smollm2_gguf
+    from recloop.llm.backend_local import find_smollm2_gguf
 
     port = _free_port()
     cmd = [

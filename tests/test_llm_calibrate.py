@@ -1,4 +1,4 @@
-"""``recloop llm calibrate``: probe set, surrogate fit, held-out validation (recommenders/llm/calibrate.py).
+"""``recloop llm calibrate``: probe set, surrogate fit, held-out validation (llm/calibrate.py).
 
 The fit and validation logic is tested with the surrogate standing in for the real model (it must
 recover its own parameters) and with synthetic inputs; the command itself runs once on the real
@@ -14,9 +14,9 @@ import math
 import numpy as np
 import pytest
 
-from recloop.recommenders.llm.calibrate import calibrate_backend, compare_heldout, write_params
-from recloop.recommenders.llm.calibrate_probe import build_probes
-from recloop.recommenders.llm.surrogate import SurrogateLLM, SurrogateParams
+from recloop.llm.calibrate import calibrate_backend, compare_heldout, write_params
+from recloop.llm.calibrate_probe import build_probes
+from recloop.llm.surrogate import SurrogateLLM, SurrogateParams
 
 HAVE_ML = importlib.util.find_spec("recbole") is not None
 needs_ml = pytest.mark.skipif(not HAVE_ML, reason="needs `pip install --no-deps recbole==1.2.1`")
@@ -86,7 +86,7 @@ def test_calibration_recovers_a_known_surrogate(ml):
 
 @needs_ml
 def test_params_file_feeds_the_surrogate_backend(ml, tmp_path):
-    from recloop.recommenders.llm.service import LLMService
+    from recloop.llm.service import LLMService
 
     w, _ = ml
     rep = {

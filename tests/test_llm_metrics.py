@@ -23,8 +23,8 @@ from recloop.analysis.llm_metrics import (
     rank_popularity_correlation,
     svm_separability,
 )
-from recloop.recommenders.llm.matching import Match, TitleMatcher, normalise_title, ratio
-from recloop.recommenders.llm.parsing import (
+from recloop.llm.matching import Match, TitleMatcher, normalise_title, ratio
+from recloop.llm.parsing import (
     FailureReason,
     ParseError,
     parse_ranking,
@@ -32,7 +32,7 @@ from recloop.recommenders.llm.parsing import (
     parse_title_list_checked,
     response_failure,
 )
-from recloop.recommenders.llm.profile_claims import parse_profile_claims
+from recloop.llm.profile_claims import parse_profile_claims
 
 # --------------------------------------------------------------------------------------------
 # L-HALL: normalisation and matching
@@ -158,7 +158,7 @@ def test_fuzzy_match_beyond_the_rapidfuzz_top_five() -> None:
 
 
 def test_fuzzy_match_through_the_batched_role_path() -> None:
-    from recloop.recommenders.llm.roles import match_titles
+    from recloop.llm.roles import match_titles
 
     m = TitleMatcher(DECOYS + [TRUE_BEST] + _catalog(40))
     queries = [QUERY] * 3 + ["Golden River Night", "the lost empire", "zzz", "night day riverr", "Heat"]
@@ -198,7 +198,7 @@ def test_matcher_equals_brute_force(data: tuple[list[str], list[str]], threshold
 
 def test_exact_search_on_a_larger_catalog() -> None:
     """Past the partially sorted head of candidates (catalogs > 128 titles) the search stays exact."""
-    from recloop.recommenders.llm.matching import _descending
+    from recloop.llm.matching import _descending
 
     titles = _catalog(300, seed=5) + DECOYS * 10 + [TRUE_BEST]
     m = TitleMatcher(titles)

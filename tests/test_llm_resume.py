@@ -17,8 +17,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recloop.recommenders.llm.surrogate import SurrogateLLM, SurrogateParams
-from recloop.recommenders.llm.types import GenerationParams, LLMRequest
+from recloop.llm.surrogate import SurrogateLLM, SurrogateParams
+from recloop.llm.types import GenerationParams, LLMRequest
 from recloop.sim.checkpoint import roundtrip
 from recloop.sim.config import load_scenario, shipped_scenario
 from recloop.sim.runner import resume_run, run_scenario

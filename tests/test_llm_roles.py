@@ -31,9 +31,9 @@ from llm_helpers import (  # noqa: E402
 
 from recloop import registry
 from recloop.errors import RecloopInputError
-from recloop.recommenders.llm.config import LLMConfig
-from recloop.recommenders.llm.service import LLMService, get_service
-from recloop.recommenders.llm.types import LLMRequest, LLMResponse
+from recloop.llm.config import LLMConfig
+from recloop.llm.service import LLMService, get_service
+from recloop.llm.types import LLMRequest, LLMResponse
 from recloop.sim.runner import run_scenario
 
 
@@ -210,8 +210,8 @@ def test_creator_items_unknown_to_the_surrogate_are_named_and_ranked(tmp_path, m
     prompt's titles and R3 ranks them, with no backend errors (before: an IndexError per affected request)."""
     import re
 
-    from recloop.recommenders.llm.parsing import parse_ranking
-    from recloop.recommenders.llm.surrogate import SurrogateLLM
+    from recloop.llm.parsing import parse_ranking
+    from recloop.llm.surrogate import SurrogateLLM
 
     seen: list[tuple[SurrogateLLM, LLMRequest, LLMResponse]] = []
     generate = SurrogateLLM.generate

@@ -15,10 +15,10 @@ import polars as pl
 import pytest
 from llm_helpers import R1, R3, ScriptedBackend, metrics, scenario  # noqa: E402
 
-from recloop.recommenders.llm.accounting import sum_accounting
-from recloop.recommenders.llm.config import LLMConfig
-from recloop.recommenders.llm.service import LLMService
-from recloop.recommenders.llm.types import LLMRequest, LLMResponse
+from recloop.llm.accounting import sum_accounting
+from recloop.llm.config import LLMConfig
+from recloop.llm.service import LLMService
+from recloop.llm.types import LLMRequest, LLMResponse
 from recloop.sim.checkpoint import roundtrip
 from recloop.sim.runner import run_scenario
 

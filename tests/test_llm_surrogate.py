@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from recloop.analysis.llm_metrics import hallucination_stats, lpd, profile_hallucination
-from recloop.recommenders.llm.matching import TitleMatcher, normalise_title, ratio
-from recloop.recommenders.llm.parsing import parse_ranking, parse_title_list
-from recloop.recommenders.llm.profile_claims import parse_profile_claims
-from recloop.recommenders.llm.surrogate import SurrogateLLM, SurrogateParams
-from recloop.recommenders.llm.surrogate_fit import calibrate, expected_lpd_fn, fit_beta, fit_rho, validate_surrogate
-from recloop.recommenders.llm.types import GenerationParams, LLMRequest
+from recloop.llm.matching import TitleMatcher, normalise_title, ratio
+from recloop.llm.parsing import parse_ranking, parse_title_list
+from recloop.llm.profile_claims import parse_profile_claims
+from recloop.llm.surrogate import SurrogateLLM, SurrogateParams
+from recloop.llm.surrogate_fit import calibrate, expected_lpd_fn, fit_beta, fit_rho, validate_surrogate
+from recloop.llm.types import GenerationParams, LLMRequest
 
 N_ITEMS = 400
 GP = GenerationParams()
@@ -371,7 +371,7 @@ def test_validate_surrogate() -> None:
 
 
 def test_interface_and_registry() -> None:
-    from recloop.recommenders.llm.types import LLMBackend
+    from recloop.llm.types import LLMBackend
 
     s = SurrogateLLM({"h": 0.2}, titles=["A", "B"])
     assert isinstance(s, LLMBackend) and s.uses_payload

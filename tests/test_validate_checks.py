@@ -87,7 +87,7 @@ def test_missing_local_model(write_yaml, tmp_path, capsys):
 
 
 def test_missing_embedding_model(write_yaml, tmp_path, capsys, monkeypatch):
-    import recloop.recommenders.llm.embedding as emb
+    import recloop.llm.embedding as emb
     from recloop.errors import RecloopInputError
 
     def absent():

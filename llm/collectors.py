@@ -14,7 +14,7 @@ phase-wise picture can be read from ``metrics.parquet`` alone:
   phantom items and their exposure and consumption, and the cumulative fallback rate per role.
 
 They are on by default but emit nothing when the policy has no LLM role, so non-LLM runs are
-unchanged. Roles are found with :func:`recloop.recommenders.llm.roles.find_llm_roles`; a role object
+unchanged. Roles are found with :func:`recloop.llm.roles.find_llm_roles`; a role object
 with a method ``llm_metric_rows(model, feedback, popularity) -> [(metric, group, value)]`` (the R2
 profiler, say) adds its own rows through ``llm_generation``.
 """
@@ -31,7 +31,7 @@ NAN = float("nan")
 
 
 def _roles(model) -> list:
-    from recloop.recommenders.llm.roles import find_llm_roles
+    from recloop.llm.roles import find_llm_roles
 
     return find_llm_roles(model.policy)
 

@@ -14,7 +14,7 @@ Protocol (reference F-SURR "Calibration against the real model", with our choice
 
    A fraction (``heldout``) of the recommend probes, on other users, is kept out of the fit.
 2. **Fit** (:func:`fit_surrogate`): h = HallRate + near-miss rate, eps_near = near/(near+hall) (so the
-   surrogate's HallRate equals the real one: :func:`recloop.recommenders.llm.surrogate_fit.calibrate`);
+   surrogate's HallRate equals the real one: :func:`recloop.llm.surrogate_fit.calibrate`);
    beta so that the surrogate's measured head share on the fit probes equals the real one (default;
    ``beta_from="lpd"`` is the reference's rule: root-finding on LPD(beta), :func:`~.surrogate_fit.fit_beta`,
    refined on the measured LPD); rho by the position-bias MLE (:func:`~.surrogate_fit.fit_rho`), refined so

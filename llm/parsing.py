@@ -1,6 +1,6 @@
 """Robust parsers for LLM text output, and the malformed-output accounting (F-ROLES, L-HALL, L-PROFHALL).
 
-The same parsers read real-model output and :class:`~recloop.recommenders.llm.surrogate.SurrogateLLM`
+The same parsers read real-model output and :class:`~recloop.llm.surrogate.SurrogateLLM`
 output, so both go through one code path:
 
 * :func:`parse_title_list` - a list of titles (F-AUG augmentation, generative F-RANK) for L-HALL;

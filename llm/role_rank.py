@@ -18,7 +18,7 @@ Borda count (Hou et al.'s bootstrapping against position bias); 0 presents the b
 surrogate backend has no log-likelihoods: in ``loglik`` mode it answers the equivalent structured
 ``rank`` request. Fallback on a malformed answer: that permutation is ignored; with none usable, the
 user keeps the base order. Positions chosen first, candidate popularity and assigned ranks are kept
-per cycle for the risk metrics (:mod:`recloop.analysis.llm_collectors`).
+per cycle for the risk metrics (:mod:`recloop.llm.collectors`).
 
 
 The role uses the run's :class:`~.service.LLMService` (cache, budget, accounting, failure log).
