@@ -1,6 +1,6 @@
 """Choice models (reference §D): which slate item, if any, each user picks. Vectorised over users.
 
-Noise is counter-based (:func:`recloop.sim.rng.hash_uniform` on (step key, user, position)), so a
+Noise is counter-based (:func:`recloop.rng.hash_uniform` on (step key, user, position)), so a
 user's draw is the same whatever the chunking, the worker count or the policy being compared
 (common random numbers).
 """
@@ -11,11 +11,12 @@ import numpy as np
 from pydantic import Field
 from scipy.special import ndtri
 
+from recloop.component import Component
 from recloop.registry import Params, register
-from recloop.sim.rng import hash_gumbel, hash_uniform
+from recloop.rng import hash_gumbel, hash_uniform
 
 
-class ChoiceModel:
+class ChoiceModel(Component):
     """Base: ``choose(util, valid, users, key) -> positions`` (n,), -1 meaning no click.
 
     A model may instead define ``choose_many(util, valid, users, key, step) -> (n, k) bool`` to accept
@@ -26,8 +27,7 @@ class ChoiceModel:
     class Params(Params):
         pass
 
-    def __init__(self, params=None, **context):
-        self.params = params if params is not None else type(self).Params()
+    uses_ground_truth = True  # users act on their true preferences
 
     def choose(self, util: np.ndarray, valid: np.ndarray, users: np.ndarray, key: np.uint64) -> np.ndarray:
         raise NotImplementedError

@@ -6,8 +6,9 @@ import numpy as np
 from pydantic import Field
 
 from recloop.limits import MAX_ITEMS
+from recloop.component import Component
 from recloop.registry import Params, register
-from recloop.sim.rng import component_rng
+from recloop.rng import component_rng
 
 
 def trecs_profile_update(profiles: np.ndarray, gains: np.ndarray, lr: float) -> np.ndarray:
@@ -17,14 +18,22 @@ def trecs_profile_update(profiles: np.ndarray, gains: np.ndarray, lr: float) -> 
     return np.clip(out, 1e-4, 1.0).astype(np.float32)
 
 
-class CreatorModel:
+class CreatorModel(Component):
+    """Base: creators adapt to consumption and publish items (``step``); bound with the simulator's
+    view and the world generator (new items are drawn like the world's)."""
+
     class Params(Params):
         pass
 
-    def __init__(self, params=None, *, seed: int = 0, generator=None, **context):
-        self.params = params if params is not None else type(self).Params()
-        self.seed = seed
-        self.generator = generator
+    uses_ground_truth = True
+
+    @property
+    def seed(self) -> int:
+        return self.context.seed
+
+    @property
+    def generator(self):
+        return self.context.generator
 
     def step(self, world, step: int, users: np.ndarray, chosen: np.ndarray) -> np.ndarray:
         """Adapt profiles to this cycle's consumption and publish items; returns new item ids."""
@@ -47,8 +56,8 @@ class TrecsCreators(CreatorModel):
         learning_rate: float = Field(0.05, ge=0, description="η")
         max_new_items: int = Field(100000, ge=0, le=MAX_ITEMS, description="cap on items created over the whole run")
 
-    def __init__(self, params=None, **context):
-        super().__init__(params, **context)
+    def __init__(self, params=None):
+        super().__init__(params)
         self.created = 0
 
     def step(self, world, step, users, chosen):

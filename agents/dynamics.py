@@ -10,15 +10,22 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from recloop.component import Component
 from recloop.registry import Params, register
 
 
-class Dynamics:
+class Dynamics(Component):
+    """Base: ``adjust`` perceived utility on a slate, ``update`` state after choices. Bound with the
+    simulator's view (ground truth granted): ``init`` allocates state for the bound world's users."""
+
     class Params(Params):
         pass
 
-    def __init__(self, params=None, **context):
-        self.params = params if params is not None else type(self).Params()
+    uses_ground_truth = True
+
+    def on_bind(self, context) -> None:
+        if context.view is not None:
+            self.init(context.view.truth)
 
     def init(self, world) -> None:
         """Allocate state for the world's users."""
@@ -30,7 +37,7 @@ class Dynamics:
         """``chosen`` (n,) item ids, -1 for no click."""
 
     def state_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "params"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("params", "context")}
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(state)

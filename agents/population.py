@@ -5,17 +5,22 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from recloop.component import Component
 from recloop.registry import Params, register
-from recloop.sim.rng import component_rng, derive_key, hash_uniform
+from recloop.rng import component_rng, derive_key, hash_uniform
 
 
-class Population:
+class Population(Component):
+    """Base: who visits each cycle (``active_users``), churn and arrivals after it (``step``)."""
+
     class Params(Params):
         pass
 
-    def __init__(self, params=None, *, seed: int = 0, **context):
-        self.params = params if params is not None else type(self).Params()
-        self.seed = seed
+    uses_ground_truth = True
+
+    @property
+    def seed(self) -> int:
+        return self.context.seed
 
     def active_users(self, world, step: int) -> np.ndarray:
         """Ids of users who visit the platform this cycle."""

@@ -95,8 +95,8 @@ class ReplayChoice(ChoiceModel):
         )
         max_per_cycle: int | None = Field(None, gt=0, le=MAX_K, description="cap on items accepted per user and cycle")
 
-    def __init__(self, params=None, *, generator=None, seed: int = 0, **context):
-        super().__init__(params, **context)
+    def on_bind(self, context) -> None:
+        generator = context.generator
         timeline = getattr(generator, "timeline", None)
         if timeline is None:
             name = getattr(generator, "registry_name", type(generator).__name__)

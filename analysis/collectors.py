@@ -17,60 +17,54 @@ import numpy as np
 
 from recloop import registry
 from recloop.analysis import metrics as M
+from recloop.component import Component
+from recloop.contracts import PROVENANCE_NAMES, CycleRecord
 from recloop.registry import Params, register
-from recloop.sim.rng import component_rng
 
 Row = tuple[str, str, float]
 
 
-class MetricComponent:
-    """Base class: ``compute(model, feedback, popularity) -> rows``; state is checkpointed."""
+class MetricComponent(Component):
+    """Base class: ``compute(record) -> rows`` from one :class:`~recloop.contracts.CycleRecord`.
+
+    Metrics are the analyst: bound with a view that grants ground truth (``context.view.truth``), and
+    given the run's metric settings (``metrics:`` block) in :meth:`setup`. State is checkpointed."""
 
     METRICS: dict[str, str] = {}
     default = True
+    uses_ground_truth = True
 
     class Params(Params):
         pass
 
-    def __init__(self, params=None, **context):
-        self.params = params if params is not None else type(self).Params()
+    def on_bind(self, context) -> None:
+        cfg = getattr(context.scenario, "metrics", None)
+        self.setup(context.view.truth, context.seed, cfg if cfg is not None else MetricSettings())
 
-    def setup(self, world, seed: int, suite: MetricSuite) -> None:
-        pass
+    def setup(self, world, seed: int, config) -> None:
+        """Draw fixed samples once per run (``config``: the scenario's ``metrics:`` settings)."""
 
-    def compute(self, model, fb, popularity: np.ndarray) -> list[Row]:
+    def compute(self, record: CycleRecord) -> list[Row]:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "params"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("params", "context")}
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(state)
 
 
+class MetricSettings:
+    """The suite-wide sample sizes when a metric is bound outside a scenario (tests, notebooks)."""
+
+    pairs = 800
+    user_sample = 2000
+    regret_sample = 1000
+
+
 def _f(x) -> float:
     return float(x) if x is not None else float("nan")
 
-
-
-def _slate_exposure(model, fb, n_items: int) -> tuple[np.ndarray, bool]:
-    """This cycle's exposure count per item (M.exposure_counts) and whether every slate is full,
-    computed once per cycle and shared by the slate metrics."""
-    suite = getattr(model, "metrics", None)
-    cache = getattr(suite, "_cycle", None)
-    if cache is not None and cache.get("fb") is fb and cache.get("n") == n_items:
-        return cache["e"], cache["full"]
-    valid = fb.slates >= 0
-    full = bool(valid.all())
-    if full and fb.slates.size and int(fb.slates.max()) >= n_items:
-        raise ValueError(f"slate contains item id {int(fb.slates.max())} >= n_items={n_items}")
-    if full:
-        e = np.bincount(fb.slates.ravel(), minlength=n_items).astype(float)
-    else:
-        e = M.exposure_counts(fb.slates, n_items)
-    if cache is not None:
-        suite._cycle = {"fb": fb, "n": n_items, "e": e, "full": full}
-    return e, full
 
 
 @register("metric", "exposure")
@@ -90,12 +84,12 @@ class Exposure(MetricComponent):
         "exposure_entropy": "M-ENT: Shannon entropy (nats) of exposure shares this cycle",
     }
 
-    def setup(self, world, seed, suite):
+    def setup(self, world, seed, config):
         self.cum = np.zeros(world.items.n, np.float64)
 
-    def compute(self, model, fb, popularity):
-        n = model.world.items.n
-        e, _ = _slate_exposure(model, fb, n)
+    def compute(self, rec):
+        n = rec.world.items.n
+        e = rec.exposure
         if len(self.cum) < n:
             self.cum = np.concatenate([self.cum, np.zeros(n - len(self.cum))])
         self.cum += e
@@ -117,12 +111,12 @@ class Consumption(MetricComponent):
         "gini_consumption_cum": "M-GINI of cumulative consumption",
     }
 
-    def setup(self, world, seed, suite):
+    def setup(self, world, seed, config):
         self.cum = np.zeros(world.items.n, np.float64)
 
-    def compute(self, model, fb, popularity):
-        n = model.world.items.n
-        c = np.bincount(fb.chosen_item[fb.chosen_item >= 0], minlength=n).astype(np.float64)
+    def compute(self, rec):
+        n = rec.world.items.n
+        c = np.bincount(rec.chosen_item[rec.chosen_item >= 0], minlength=n).astype(np.float64)
         if len(self.cum) < n:
             self.cum = np.concatenate([self.cum, np.zeros(n - len(self.cum))])
         self.cum += c
@@ -142,16 +136,14 @@ class PopularityBias(MetricComponent):
         "novelty": "M-NOV: mean self-information −log2(φ/n_users) of recommended items (bits)",
     }
 
-    def setup(self, world, seed, suite):
-        self.suite = None
-
-    def compute(self, model, fb, popularity):
-        w = model.world
+    def compute(self, rec):
+        w = rec.world
         pop = np.zeros(w.items.n)
+        popularity = rec.popularity_before
         pop[: len(popularity)] = popularity[: w.items.n]
         head = M.short_head_mask(pop)
-        e, full = _slate_exposure(model, fb, w.items.n)
-        n_u, k = fb.slates.shape
+        e, full = rec.exposure, rec.full_slates
+        n_u, k = rec.slates.shape
         if full and n_u > 0 and k > 0:
             # every slate holds k items: the per-user means average to item sums weighted by exposure
             # (the same values as M.arp/aplt/aclt/novelty, from one bincount instead of n x k gathers)
@@ -161,24 +153,24 @@ class PopularityBias(MetricComponent):
                     ("aclt", "", float(tail) / n_u), ("novelty", "", float(e @ nov) / (n_u * k))]
         else:
             rows = [
-                ("arp", "", M.arp(fb.slates, pop)),
-                ("aplt", "", M.aplt(fb.slates, head)),
-                ("aclt", "", M.aclt(fb.slates, head)),
-                ("novelty", "", M.novelty(fb.slates, pop, max(w.users.n, 1))),
+                ("arp", "", M.arp(rec.slates, pop)),
+                ("aplt", "", M.aplt(rec.slates, head)),
+                ("aclt", "", M.aclt(rec.slates, head)),
+                ("novelty", "", M.novelty(rec.slates, pop, max(w.users.n, 1))),
             ]
-        ch = fb.chosen_item[fb.chosen_item >= 0]
+        ch = rec.chosen_item[rec.chosen_item >= 0]
         rows.append(("mean_pop_consumed", "", float(pop[ch].mean()) if len(ch) else float("nan")))
-        sample = model.metrics.user_sample(fb.users)
+        sample = rec.user_sample
         if len(sample):
-            idx = np.searchsorted(fb.users, sample)
-            indptr, items = model.history.csr(sample)
+            idx = np.searchsorted(rec.users, sample)
+            indptr, items = rec.history.csr(sample)
             lens = np.diff(indptr)
             has = lens > 0
             owner = np.repeat(np.arange(len(sample)), lens)
             prof_pop = np.bincount(owner, weights=pop[items], minlength=len(sample)) / np.maximum(lens, 1)
             prof_head = np.bincount(owner, weights=head[items].astype(float), minlength=len(sample))
             prof_head = prof_head / np.maximum(lens, 1)
-            rec_pop = M.per_user_mean(fb.slates[idx], pop)
+            rec_pop = M.per_user_mean(rec.slates[idx], pop)
             ok = has & np.isfinite(rec_pop)
             if ok.sum() >= 5:
                 rows.append(("pop_lift", "all", M.popularity_lift(prof_pop[ok], rec_pop[ok])))
@@ -199,9 +191,9 @@ class Fairness(MetricComponent):
         "exposure_share_gap": "M-EXPFAIR exposure share of G1 minus its catalog share",
     }
 
-    def compute(self, model, fb, popularity):
-        w = model.world
-        r = M.exposure_fairness(fb.slates, w.items.group[: w.items.n], w.items.n)
+    def compute(self, rec):
+        w = rec.world
+        r = M.exposure_fairness(rec.slates, w.items.group[: w.items.n], w.items.n)
         return [("exposure_dpr", "", _f(r["dpr"])), ("exposure_share_gap", "", _f(r["share_gap"]))]
 
 
@@ -211,52 +203,9 @@ class Provenance(MetricComponent):
 
     METRICS = {"log_share": "share of the training log by provenance; group provenance=<name>"}
 
-    def compute(self, model, fb, popularity):
-        from recloop.recommenders.base import PROVENANCE_NAMES
-
-        shares = model.log.provenance_shares()
+    def compute(self, rec):
+        shares = rec.provenance_shares
         return [("log_share", f"provenance={PROVENANCE_NAMES[i]}", float(s)) for i, s in enumerate(shares)]
-
-
-class MetricSuite:
-    """The metric components of a run, with the fixed samples they share."""
-
-    def __init__(self, config, *, seed: int, world, k: int):
-        self.config = config
-        self.seed = seed
-        names = config.include if config.include is not None else [
-            s.name for s in registry.specs("metric") if getattr(s.cls, "default", True)]
-        names = [n for n in names if n not in set(config.exclude)]
-        self.components = [registry.build("metric", {"type": n}) for n in names]
-        rng = component_rng(seed, "metric.users")
-        n = world.users.n
-        self._sample = np.sort(rng.choice(n, size=min(n, config.user_sample), replace=False)).astype(np.int64)
-        for c in self.components:
-            c.setup(world, seed, self)
-
-    def user_sample(self, active: np.ndarray) -> np.ndarray:
-        """The fixed user sample, restricted to users active this cycle (``active`` is sorted)."""
-        return self._sample[np.isin(self._sample, active, assume_unique=True)]
-
-    def compute(self, model, fb, popularity) -> list[Row]:
-        from recloop.sim.pool import blas_single_thread
-
-        rows: list[Row] = []
-        self._cycle = {}  # per-cycle shared intermediates (exposure counts); dropped afterwards
-        try:
-            with blas_single_thread():  # metric products are small: one BLAS thread is faster
-                for c in self.components:
-                    rows.extend((m, g, float(v)) for m, g, v in c.compute(model, fb, popularity))
-        finally:
-            self._cycle = None
-        return rows
-
-    def state_dict(self) -> dict:
-        return {"components": [c.state_dict() for c in self.components]}
-
-    def load_state_dict(self, state: dict, world) -> None:
-        for c, s in zip(self.components, state["components"]):
-            c.load_state_dict(s)
 
 
 def metric_docs() -> dict[str, str]:

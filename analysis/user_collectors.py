@@ -12,14 +12,14 @@ import numpy as np
 from recloop.analysis import user_metrics as UM
 from recloop.analysis.collectors import MetricComponent
 from recloop.registry import register
-from recloop.sim.rng import component_rng
+from recloop.rng import component_rng
+from recloop.sim import kernels
+from recloop.sim.pool import default_workers, parallel_rows
 
 
 def _mean_pair_jaccard(indptr, items, pairs) -> float:
     """UM.mean_pair_jaccard for a CSR whose rows are sorted and duplicate-free (History.csr), by a merge
     per pair instead of sorting every (pair, item) key."""
-    from recloop.sim import kernels
-
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     if not kernels.HAVE_NUMBA or len(pairs) == 0:
         return UM.mean_pair_jaccard(indptr, items, pairs)
@@ -34,13 +34,13 @@ class Calibration(MetricComponent):
 
     METRICS = {"miscalibration": "M-CALKL mean C_KL(p‖q̃), α=0.01, uniform weights (sampled users)"}
 
-    def compute(self, model, fb, popularity):
-        w = model.world
-        sample = model.metrics.user_sample(fb.users)
+    def compute(self, rec):
+        w = rec.world
+        sample = rec.user_sample
         if len(sample) == 0:
             return []
-        idx = np.searchsorted(fb.users, sample)
-        indptr, items = model.history.csr(sample)
+        idx = np.searchsorted(rec.users, sample)
+        indptr, items = rec.history.csr(sample)
         lens = np.diff(indptr)
         owner = np.repeat(np.arange(len(sample)), lens)
         G = w.items.genres.shape[1]
@@ -50,7 +50,7 @@ class Calibration(MetricComponent):
         if not ok.any():
             return []
         target = target[ok] / lens[ok, None]
-        realised = UM.genre_distribution(fb.slates[idx][ok], w.items.genres[: w.items.n])
+        realised = UM.genre_distribution(rec.slates[idx][ok], w.items.genres[: w.items.n])
         return [("miscalibration", "", float(np.nanmean(UM.miscalibration(target, realised))))]
 
 
@@ -60,12 +60,12 @@ class Diversity(MetricComponent):
 
     METRICS = {"ild": "M-ILD mean intra-list cosine distance", "afsr": "AFSR mean attribute score range"}
 
-    def compute(self, model, fb, popularity):
-        sample = model.metrics.user_sample(fb.users)
+    def compute(self, rec):
+        sample = rec.user_sample
         if len(sample) == 0:
             return []
-        sl = fb.slates[np.searchsorted(fb.users, sample)]
-        attrs = model.world.items.attrs[: model.world.items.n]
+        sl = rec.slates[np.searchsorted(rec.users, sample)]
+        attrs = rec.world.items.attrs[: rec.world.items.n]
         return [("ild", "", float(np.nanmean(UM.intra_list_diversity(sl, attrs)))), ("afsr", "", UM.afsr(sl, attrs))]
 
 
@@ -83,22 +83,22 @@ class Homogenization(MetricComponent):
                                   "above 512 users the partner is the most similar in a random pool of 4,096)",
     }
 
-    def setup(self, world, seed, suite):
+    def setup(self, world, seed, config):
         rng = component_rng(seed, "metric.pairs")
         n = world.users.n
-        p = suite.config.pairs
+        p = config.pairs
         a = rng.integers(0, n, size=p)
         b = (a + rng.integers(1, max(n, 2), size=p)) % max(n, 1)
         self.pairs = np.stack([a, b], axis=1).astype(np.int64)
         self.sim_users = rng.choice(n, size=min(n, p), replace=False).astype(np.int64)
 
-    def _similar_pairs(self, model) -> np.ndarray:
+    def _similar_pairs(self, rec) -> np.ndarray:
         """Each sampled user with its most cosine-similar user under the policy's user factors; ties
         (and policies without user factors, whose users are all alike) are broken at random."""
-        n = model.world.users.n
+        n = rec.world.users.n
         q = self.sim_users[self.sim_users < n]
-        rng = component_rng(model.seed, "metric.similar_pairs", model.t)
-        U = _user_factors(model.policy, model.world)
+        rng = component_rng(rec.seed, "metric.similar_pairs", rec.step)
+        U = rec.policy.user_factors()
         if U is None:
             partner = (q + rng.integers(1, max(n, 2), size=len(q))) % n
         elif n <= SIMILAR_DENSE_USERS:
@@ -113,22 +113,22 @@ class Homogenization(MetricComponent):
             partner = _most_similar(U, q, n, rng)
         return np.stack([q, partner], axis=1)
 
-    def compute(self, model, fb, popularity):
+    def compute(self, rec):
         users = np.unique(self.pairs)
-        indptr, items = model.history.csr(users)
+        indptr, items = rec.history.csr(users)
         local = np.searchsorted(users, self.pairs)
         rows = [("homogenization", "", _mean_pair_jaccard(indptr, items, local))]
-        pos = np.searchsorted(fb.users, self.pairs)
-        pos = np.minimum(pos, len(fb.users) - 1)
-        both = (fb.users[pos] == self.pairs).all(axis=1)
+        pos = np.searchsorted(rec.users, self.pairs)
+        pos = np.minimum(pos, len(rec.users) - 1)
+        both = (rec.users[pos] == self.pairs).all(axis=1)
         if both.any():
             need, local = np.unique(pos[both], return_inverse=True)  # only the paired users' slates
-            sl = np.sort(fb.slates[need], axis=1)  # sorted rows (empty slots -1 first, skipped): a CSR
+            sl = np.sort(rec.slates[need], axis=1)  # sorted rows (empty slots -1 first, skipped): a CSR
             ip = np.arange(0, sl.size + 1, max(sl.shape[1], 1), dtype=np.int64)[: len(sl) + 1]
             rows.append(("rec_similarity", "", _mean_pair_jaccard(ip, sl.ravel(), local.reshape(-1, 2))))
-        pairs = self._similar_pairs(model)
+        pairs = self._similar_pairs(rec)
         us = np.unique(pairs)
-        ip, it = model.history.csr(us)
+        ip, it = rec.history.csr(us)
         rows.append(("homogenization_similar", "", _mean_pair_jaccard(ip, it, np.searchsorted(us, pairs))))
         return rows
 
@@ -171,15 +171,6 @@ def _most_similar(U: np.ndarray, q: np.ndarray, n: int, rng: np.random.Generator
     return partner
 
 
-def _user_factors(policy, world):
-    """The policy's current user embedding (None when it has none, e.g. popularity or random)."""
-    for pol in (policy, getattr(policy, "retrieval", None)):
-        f = pol.factors(world) if pol is not None else None
-        if f is not None and f[0].shape[1] > 1 and f[0].any():
-            return f[0]
-    return None
-
-
 @register("metric", "polarization")
 class Polarization(MetricComponent):
     """M-POLAR on opinions z_u = projection of true preferences on a fixed axis: the first principal
@@ -193,14 +184,14 @@ class Polarization(MetricComponent):
         "preference_dispersion": "trace of the covariance of true preference vectors",
     }
 
-    def setup(self, world, seed, suite):
+    def setup(self, world, seed, config):
         x0 = world.users.prefs0[: world.users.n].astype(np.float64)
         x0 = x0 - x0.mean(axis=0)
         _, _, vt = np.linalg.svd(x0[: min(len(x0), 20000)], full_matrices=False)
         self.axis = vt[0]
 
-    def compute(self, model, fb, popularity):
-        x = model.world.users.prefs[fb.users].astype(np.float64)
+    def compute(self, rec):
+        x = rec.world.users.prefs[rec.users].astype(np.float64)
         z = x @ self.axis
         _, var = UM.polarization_variance(z)
         return [
@@ -223,9 +214,9 @@ class DriftMetric(MetricComponent):
         "bubble_tightness": "mean cosine distance between x_t and the consumed item's attributes",
     }
 
-    def compute(self, model, fb, popularity):
-        u = fb.users
-        w = model.world
+    def compute(self, rec):
+        u = rec.users
+        w = rec.world
         d = _drift_rows(w.users.prefs, u, w.users.prefs0, u)
         rows = [
             ("drift_mean", "", float(np.mean(d["cosine_distance"]))),
@@ -233,21 +224,17 @@ class DriftMetric(MetricComponent):
             ("drift_angle", "", float(np.mean(d["angle"]))),
             ("drift_l2", "", float(np.mean(d["l2"]))),
         ]
-        hit = fb.chosen_item >= 0
+        hit = rec.chosen_item >= 0
         if hit.any():
-            bt = _drift_rows(w.items.attrs, fb.chosen_item[hit], w.users.prefs, u[hit])["cosine_distance"]
+            bt = _drift_rows(w.items.attrs, rec.chosen_item[hit], w.users.prefs, u[hit])["cosine_distance"]
             rows.append(("bubble_tightness", "", float(np.mean(bt))))
         return rows
 
 
 def _drift_rows(A, ia, B, ib) -> dict[str, np.ndarray]:
     """:func:`recloop.analysis.metrics.drift` of rows A[ia] vs B[ib], fused (no gathered copies)."""
-    from recloop.sim import kernels
-
     if not kernels.HAVE_NUMBA or len(ia) == 0:
         return UM.drift(A[ia], B[ib])
-    from recloop.sim.pool import default_workers, parallel_rows
-
     n = len(ia)
     out = {name: np.empty(n, np.float64) for name in ("cosine_distance", "angle", "l2")}
     A, B = np.ascontiguousarray(A), np.ascontiguousarray(B)
@@ -276,30 +263,30 @@ class Utility(MetricComponent):
         "catalog_size": "items in the catalog",
     }
 
-    def setup(self, world, seed, suite):
+    def setup(self, world, seed, config):
         rng = component_rng(seed, "metric.regret")
-        n = suite.config.regret_sample
+        n = config.regret_sample
         self.regret_users = np.sort(rng.choice(world.users.n, size=min(n, world.users.n), replace=False))
 
-    def compute(self, model, fb, popularity):
-        n = len(fb.users)
-        clicks = int((fb.chosen_item >= 0).sum())
-        slots = int((fb.slates >= 0).sum())
-        st = UM.utility_stats(fb.utility, n, clicks, slots)
+    def compute(self, rec):
+        n = len(rec.users)
+        clicks = int((rec.chosen_item >= 0).sum())
+        slots = int((rec.slates >= 0).sum())
+        st = UM.utility_stats(rec.utility, n, clicks, slots)
         rows = [("utility", "", st["mean_utility"]), ("ctr", "", st["ctr"]), ("no_click_rate", "", st["no_click_rate"]),
-                ("active_users", "", float(n)), ("catalog_size", "", float(model.world.items.n))]
+                ("active_users", "", float(n)), ("catalog_size", "", float(rec.world.items.n))]
         if len(self.regret_users):
-            pos = np.searchsorted(fb.users, self.regret_users)
+            pos = np.searchsorted(rec.users, self.regret_users)
             pos = np.minimum(pos, max(n - 1, 0))
-            here = fb.users[pos] == self.regret_users
+            here = rec.users[pos] == self.regret_users
             if here.any():
                 users = self.regret_users[here]
-                w = model.world
-                exclude = None if model.scenario.users.repeat_consumption else _Before(model.history, fb)
-                _, best = model.engine.topk_factors(users, 1, w.users.prefs, w.items.attrs[: w.items.n],
+                w = rec.world
+                exclude = None if rec.repeat_consumption else _Before(rec.history, rec)
+                _, best = rec.engine.topk_factors(users, 1, w.users.prefs, w.items.attrs[: w.items.n],
                                                     exclude=exclude)
                 best = np.where(np.isfinite(best[:, 0]), best[:, 0], 0.0)
-                rows.append(("regret", "", UM.regret(best, fb.utility[pos[here]]) / len(users)))
+                rows.append(("regret", "", UM.regret(best, rec.utility[pos[here]]) / len(users)))
         return rows
 
 
@@ -312,13 +299,13 @@ class _Before:
     definition for any number of users or pairs (it used to keep this cycle's pairs, and so change the
     regret, once a chunk of users held 50,000 history pairs or more)."""
 
-    def __init__(self, history, fb):
+    def __init__(self, history, rec):
         self.history = history
-        if fb.consumed is not None:
-            users, items = (np.asarray(a, np.int64) for a in fb.consumed)
+        if rec.consumed is not None:
+            users, items = (np.asarray(a, np.int64) for a in rec.consumed)
         else:
-            hit = fb.chosen_item >= 0
-            users, items = np.asarray(fb.users[hit], np.int64), np.asarray(fb.chosen_item[hit], np.int64)
+            hit = rec.chosen_item >= 0
+            users, items = np.asarray(rec.users[hit], np.int64), np.asarray(rec.chosen_item[hit], np.int64)
         self.stride = int(items.max()) + 2 if len(items) else 1
         self.keys = np.unique(users * self.stride + items)  # sorted (user, item) keys of this cycle
 

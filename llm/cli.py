@@ -36,7 +36,7 @@ def default_calibration_cache() -> Path:
 
 def _world(world: str, scenario: Path | None, seed: int):
     from recloop import registry
-    from recloop.sim.rng import component_rng
+    from recloop.rng import component_rng
 
     if scenario is not None:
         from recloop.sim.config import load_scenario

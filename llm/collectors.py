@@ -14,9 +14,8 @@ phase-wise picture can be read from ``metrics.parquet`` alone:
   phantom items and their exposure and consumption, and the cumulative fallback rate per role.
 
 They are on by default but emit nothing when the policy has no LLM role, so non-LLM runs are
-unchanged. Roles are found with :func:`recloop.llm.roles.find_llm_roles`; a role object
-with a method ``llm_metric_rows(model, feedback, popularity) -> [(metric, group, value)]`` (the R2
-profiler, say) adds its own rows through ``llm_generation``.
+unchanged. They read the roles' stage reports in the cycle record (``record.stages``: each LLM
+role's ``stage_report()``, snapshotted by the loop) and the run's LLM service (``record.services``).
 """
 
 from __future__ import annotations
@@ -30,10 +29,9 @@ from recloop.registry import register
 NAN = float("nan")
 
 
-def _roles(model) -> list:
-    from recloop.llm.roles import find_llm_roles
-
-    return find_llm_roles(model.policy)
+def _roles(rec) -> list:
+    """The stage reports of the LLM roles in the serving policy (tree order)."""
+    return [s for s in rec.stages if s.role in ("augmenter", "ranker", "profiler")]
 
 
 def group(role: str, phase: str) -> str:
@@ -124,15 +122,15 @@ class LLMGeneration(MetricComponent):
         "llm_served": "users whose slate the LLM re-ranked this cycle (R3)",
     }
 
-    def setup(self, world, seed, suite):
+    def setup(self, world, seed, config):
         self.reported: dict[str, int] = {}
 
-    def compute(self, model, fb, popularity):
+    def compute(self, rec):
         rows = []
-        for idx, role in enumerate(_roles(model)):
-            name = role.llm_role
+        for idx, role in enumerate(_roles(rec)):
+            name = role.role
             if name == "augmenter":
-                last = role.last or {}
+                last = role.data["last"] or {}
                 key = f"{idx}:{name}"
                 if last and self.reported.get(key) != last.get("seq"):
                     self.reported[key] = last["seq"]
@@ -142,14 +140,11 @@ class LLMGeneration(MetricComponent):
                             continue
                         rows.append((f"llm_{k}", g, float(v)))
             elif name == "ranker":
-                c = role.cycle
-                if c.get("step") == fb.step and c.get("requests"):
+                c = role.data["cycle"]
+                if c.get("step") == rec.step and c.get("requests"):
                     g = group(name, "generation")
                     rows.append(("llm_malformed_rate", g, c["failed"] / c["requests"]))
                     rows.append(("llm_served", g, float(c["served"])))
-            hook = getattr(role, "llm_metric_rows", None)
-            if callable(hook):
-                rows.extend(hook(model, fb, popularity))
         return rows
 
 
@@ -169,17 +164,17 @@ class LLMRecommendation(MetricComponent):
         "llm_slate_turnover": "R3 share of shown top-k items that were not in the base order's top k",
     }
 
-    def compute(self, model, fb, popularity):
+    def compute(self, rec):
         from recloop.analysis import llm_metrics as L
 
         rows = []
-        pop = _pop(popularity, model.world.items.n)
-        for role in _roles(model):
-            name = role.llm_role
+        pop = _pop(rec.popularity_before, rec.world.items.n)
+        for role in _roles(rec):
+            name = role.role
             g = group(name, "recommendation")
             if name == "ranker":
-                c = role.cycle
-                if c.get("step") != fb.step or not c.get("users"):
+                c = role.data["cycle"]
+                if c.get("step") != rec.step or not c.get("users"):
                     continue
                 if c["first_pos"]:
                     rows.append(
@@ -193,8 +188,8 @@ class LLMRecommendation(MetricComponent):
                 users = np.asarray(c["users"], np.int64)
                 llm = np.asarray(c["llm_topk"], np.int64)
                 base = np.asarray(c["base_topk"], np.int64)
-                lpd_llm, head = _slate_lpd(llm, users, model.history, pop)
-                lpd_base, _ = _slate_lpd(base, users, model.history, pop)
+                lpd_llm, head = _slate_lpd(llm, users, rec.history, pop)
+                lpd_base, _ = _slate_lpd(base, users, rec.history, pop)
                 rows += [
                     ("llm_lpd", g, lpd_llm),
                     ("llm_head_share", g, head),
@@ -207,11 +202,11 @@ class LLMRecommendation(MetricComponent):
                 rows.append(("llm_slate_change", g, moved.sum() / shown if shown else NAN))
                 rows.append(("llm_slate_turnover", g, 1.0 - same.sum() / shown if shown else NAN))
             elif name == "augmenter":
-                sample = model.metrics.user_sample(fb.users)
+                sample = rec.user_sample
                 if len(sample) == 0:
                     continue
-                sl = fb.slates[np.searchsorted(fb.users, sample)]
-                lpd_v, head = _slate_lpd(sl, sample, model.history, pop)
+                sl = rec.slates[np.searchsorted(rec.users, sample)]
+                lpd_v, head = _slate_lpd(sl, sample, rec.history, pop)
                 rows += [("llm_lpd", g, lpd_v), ("llm_head_share", g, head)]
         return rows
 
@@ -233,34 +228,30 @@ class LLMFeedback(MetricComponent):
         "R3: users keeping the base order; others: fallbacks/requests), per role",
     }
 
-    def compute(self, model, fb, popularity):
+    def compute(self, rec):
         rows = []
-        roles = _roles(model)
+        roles = _roles(rec)
         if not roles:
             return rows
-        svc = model.policy_context.extra.get("llm_service") if hasattr(model, "policy_context") else None
+        svc = rec.services.get("llm")
         acc_roles = svc.roles if svc is not None else {}
         for role in roles:
-            name = role.llm_role
+            name = role.role
             g = group(name, "feedback_loop")
             if name == "augmenter":
-                shares = model.log.provenance_shares()
+                shares = rec.provenance_shares
                 rows.append(("llm_log_share", g, float(shares[2])))
-                rows.append(("llm_augmented_cum", g, float(model.log.counts[2])))
-                ph = role.phantom
+                rows.append(("llm_augmented_cum", g, float(rec.log_counts[2])))
+                ph = role.data["phantom"]
                 rows.append(("llm_phantom_items", g, float(ph.sum())))
                 if ph.any():
-                    shown = fb.slates[fb.slates >= 0]
+                    shown = rec.slates[rec.slates >= 0]
                     shown = shown[shown < len(ph)]
-                    rows.append(("llm_phantom_exposure", g, float(ph[shown].sum()) / max(fb.slates.size, 1)))
-                    ch = fb.chosen_item[(fb.chosen_item >= 0) & (fb.chosen_item < len(ph))]
-                    n_ch = int((fb.chosen_item >= 0).sum())
+                    rows.append(("llm_phantom_exposure", g, float(ph[shown].sum()) / max(rec.slates.size, 1)))
+                    ch = rec.chosen_item[(rec.chosen_item >= 0) & (rec.chosen_item < len(ph))]
+                    n_ch = int((rec.chosen_item >= 0).sum())
                     rows.append(("llm_phantom_consumption", g, float(ph[ch].sum()) / n_ch if n_ch else 0.0))
-                    items = (
-                        np.concatenate([c[2] for c in model.log.initial + model.log.chunks])
-                        if (model.log.initial or model.log.chunks)
-                        else np.zeros(0, np.int64)
-                    )
+                    items = rec.platform.training_data().items
                     inside = items[items < len(ph)]
                     rows.append(("llm_phantom_in_log", g, float(ph[inside].sum()) / max(len(items), 1)))
                 else:
@@ -269,8 +260,8 @@ class LLMFeedback(MetricComponent):
                 req = a.get("requests", 0)
                 rows.append(("llm_fallback_rate", g, a.get("fallbacks", 0) / req if req else NAN))
             elif name == "ranker":
-                served = role.served_total
-                rows.append(("llm_fallback_rate", g, role.fallbacks_total / served if served else NAN))
+                served = role.data["served_total"]
+                rows.append(("llm_fallback_rate", g, role.data["fallbacks_total"] / served if served else NAN))
             else:
                 a = acc_roles.get(name, {})
                 req = a.get("requests", 0)

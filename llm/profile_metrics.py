@@ -30,8 +30,7 @@ from recloop.registry import register
 
 from .parsing import parse_title_list
 from .profile_text import DemographicProbe, build_personas
-from .role_profile import find_profilers
-from .service import get_service, has_service
+from .service import SERVICE
 from .types import GenerationParams, LLMRequest
 
 __all__ = ["DemographicBias", "ProfileMetrics", "svm_separability_paired"]
@@ -39,6 +38,11 @@ __all__ = ["DemographicBias", "ProfileMetrics", "svm_separability_paired"]
 GROUP_GEN = "role=profiler,phase=generation"
 GROUP_REC = "role=profiler,phase=recommendation"
 GROUP_LOOP = "role=profiler,phase=feedback_loop"
+
+
+def _profilers(rec) -> list:
+    """The stage reports of the R2 profilers in the serving policy (in tree order)."""
+    return [s for s in rec.stages if s.role == "profiler"]
 
 
 
@@ -72,15 +76,15 @@ class ProfileMetrics(MetricComponent):
         "profiles": "llm_profiles_refreshed",
     }
 
-    def setup(self, world, seed, suite):
+    def setup(self, world, seed, config):
         self.seen = 0
 
-    def compute(self, model, fb, popularity):
-        profs = find_profilers(model.policy)
+    def compute(self, rec):
+        profs = _profilers(rec)
         rows = []
         for j, prof in enumerate(profs):
             suffix = "" if j == 0 else f",stage={j}"
-            for rep in prof.reports:
+            for rep in prof.data["reports"]:
                 if rep["seq"] <= self.seen:
                     continue
                 st = rep["stats"]
@@ -90,13 +94,13 @@ class ProfileMetrics(MetricComponent):
                         rows.append((name, GROUP_GEN + suffix, float(v)))
                 if np.isfinite(st.get("stability", np.nan)):
                     rows.append(("llm_profile_stability", GROUP_LOOP + suffix, float(st["stability"])))
-            sample = model.metrics.user_sample(fb.users)[:50]
+            sample = rec.user_sample[:50]
             if len(sample):
-                v = prof.rank_shift(sample, model.scenario.k, model.world, model.t)
+                v = prof.data["rank_shift"](sample, rec.k, rec.step)
                 if np.isfinite(v):
                     rows.append(("llm_profile_rank_shift", GROUP_REC + suffix, v))
         if profs:
-            self.seen = max([self.seen] + [r["seq"] for p in profs[:1] for r in p.reports])
+            self.seen = max([self.seen] + [r["seq"] for p in profs[:1] for r in p.data["reports"]])
         return rows
 
 
@@ -163,7 +167,7 @@ class DemographicBias(MetricComponent):
 
     PROMPT = "Recommend {n} movies for {persona}. Answer with a numbered list of movie titles only."
 
-    def setup(self, world, seed, suite):
+    def setup(self, world, seed, config):
         self._probe = _Probe()
 
     def state_dict(self):
@@ -172,21 +176,22 @@ class DemographicBias(MetricComponent):
     def load_state_dict(self, state):
         self._probe = _Probe()
 
-    def compute(self, model, fb, popularity):
-        ctx = getattr(model, "policy_context", None) or getattr(model.policy, "context", None)
-        profs = find_profilers(model.policy)
-        if ctx is None or not profs or not has_service(ctx):
+    def compute(self, rec):
+        profs = _profilers(rec)
+        svc = rec.services.get(SERVICE)
+        if not profs or svc is None:
             return []
-        cfg = profs[0].params.demographic_probe
-        if cfg.every == 0 or model.t % cfg.every != 0:
+        cfg = profs[0].data["demographic_probe"]
+        if cfg.every == 0 or rec.step % cfg.every != 0:
             return []
-        world = model.world
+        world = rec.world
         personas = build_personas(world, cfg)
         if len(personas) < 2:
             return []
-        return self.probe(get_service(ctx), world, personas, cfg, model)
+        return self.probe(svc, world, personas, cfg, rec)
 
-    def probe(self, svc, world, personas, cfg: DemographicProbe, model=None) -> list[tuple[str, str, float]]:
+    def probe(self, svc, world, personas, cfg: DemographicProbe, rec=None) -> list[tuple[str, str, float]]:
+        """Probe the model with the personas (``rec``: the cycle record, for popularity and histories)."""
         from recloop.analysis import llm_metrics as L
 
         from .matching import TitleMatcher
@@ -194,10 +199,10 @@ class DemographicBias(MetricComponent):
         n_items = world.items.n
         genres = world.items.genres[:n_items].astype(np.float64)
         pop = np.zeros(n_items)
-        if model is not None:
-            mp = np.asarray(model.popularity, np.float64)[:n_items]
+        if rec is not None:
+            mp = np.asarray(rec.popularity, np.float64)[:n_items]
             pop[: len(mp)] = mp
-        priors, base_prior = self._persona_priors(world, personas, model, genres)
+        priors, base_prior = self._persona_priors(world, personas, rec, genres)
         # the surrogate knows the catalog it was built with (later phantom or creator items are unknown to it)
         known = len(getattr(svc.inner, "titles", None) or []) if svc.uses_payload else n_items
         known = min(known or n_items, n_items)
@@ -258,14 +263,14 @@ class DemographicBias(MetricComponent):
         return self._persona_rows(L, personas, texts, item_lists, genre_dists, docs, seeds_of, all_matches)
 
     @staticmethod
-    def _persona_priors(world, personas, model, genres) -> tuple[list[np.ndarray], np.ndarray]:
+    def _persona_priors(world, personas, rec, genres) -> tuple[list[np.ndarray], np.ndarray]:
         """Each persona's genre prior and the population's (mean history genre shares of the members)."""
         # each persona's genre prior: mean history genre share of its members (the metric user sample)
         priors = []
-        sample = model.metrics._sample if model is not None else np.arange(world.users.n)
+        sample = rec.fixed_sample if rec is not None else np.arange(world.users.n)
         sample = sample[sample < world.users.n]
-        if model is not None and len(sample):
-            ptr, items = model.history.csr(sample)
+        if rec is not None and len(sample):
+            ptr, items = rec.history.csr(sample)
             lens = np.diff(ptr)
             owner = np.repeat(np.arange(len(sample)), lens)
             sh = np.zeros((len(sample), genres.shape[1]))

@@ -26,16 +26,19 @@ The role uses the run's :class:`~.service.LLMService` (cache, budget, accounting
 from __future__ import annotations
 
 import copy
+from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from recloop import registry
+from recloop.component import Child
+from recloop.contracts import CatalogReport, InteractionReport, StageReport
 from recloop.limits import MAX_ITEMS, MAX_K, MAX_STEPS, MAX_USERS
-from recloop.recommenders.base import PROVENANCE, Policy, PolicyContext, TrainingData
+from recloop.recommenders.base import PROVENANCE, Policy, TrainingData
 from recloop.registry import Params, register
-from recloop.sim.rng import component_rng, derive_key, hash_u64
+from recloop.rng import component_rng, derive_key, hash_u64
 
 from .augment_candidates import candidate_pools, pool_relevance
 from .augment_stats import generation_stats
@@ -58,8 +61,9 @@ class LLMAugmented(Policy):
     example_params = {"base": {"type": "popularity"}, "users_per_cycle": 5, "n": 3, "candidates": 10}
 
     class Params(Params):
-        base: dict = Field(
+        base: Child("policy") = Field(
             default_factory=lambda: {"type": "bpr"},
+            validate_default=True,
             description="the policy trained on the augmented log ({type: ..., ...})",
         )
         users_per_cycle: int = Field(
@@ -77,13 +81,6 @@ class LLMAugmented(Policy):
         max_phantoms: int = Field(100_000, ge=0, le=MAX_ITEMS, description="cap on phantom items created in a run")
         prompt: str | None = Field(None, description="prompt template with {history}, {candidates}, {n}")
 
-        @field_validator("base")
-        @classmethod
-        def _base(cls, v):
-            from recloop.recommenders.pipeline import _check_component
-
-            return _check_component("policy", v)
-
     DEFAULT_PROMPT = (
         "A user has enjoyed these titles:\n{history}\n\n"
         "From the candidate titles below, recommend {n} that this user would also enjoy.\n"
@@ -91,12 +88,12 @@ class LLMAugmented(Policy):
         "Answer with a numbered list of {n} titles only."
     )
 
-    def __init__(self, params=None, *, context: PolicyContext | None = None, **kw):
-        super().__init__(params, context=context, **kw)
-        self.base = registry.build("policy", self.params.base, context=self.context)
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.base = registry.build("policy", self.params.base)
         self.online = self.base.online
         self.uses_ground_truth = self.base.uses_ground_truth
-        self.service = get_service(self.context)
+        self.service = None
         self.phantom = np.zeros(0, bool)  # phantom[i]: item i is a phantom (hallucinated) item
         self.aug_counts = np.zeros(0, np.int64)  # augmented interactions per item (cumulative)
         self.n_augmented = 0
@@ -105,11 +102,18 @@ class LLMAugmented(Policy):
         self.last: dict[str, Any] = {}  # the last round's outputs and generation-phase statistics
         self._matcher: TitleMatcher | None = None
         self._phantom_by_title: dict[str, int] = {}
+        self._reports: list = []  # this round's reports, handed to the loop by produce()
 
     # -- delegation ----------------------------------------------------------------------------------
-    @property
-    def stages(self) -> list:
+    def on_bind(self, context) -> None:
+        self.service = get_service(context)
+
+    def children(self) -> list:
         return [self.base]
+
+    def stage_report(self) -> StageReport:
+        return StageReport(self.llm_role, self.registry_name, MappingProxyType({
+            "last": copy.deepcopy(self.last), "phantom": self.phantom.copy()}))
 
     def factors(self, world):
         return self.base.factors(world)
@@ -130,21 +134,19 @@ class LLMAugmented(Policy):
             self.base.update(feedback, world)
 
     # -- training -------------------------------------------------------------------------------------
-    def fit(self, data: TrainingData, world, *, step: int, rng, warm_start: bool) -> None:
+    def produce(self, view, *, step: int) -> list:
+        """One generation round when due (every ``every``-th retrain): the phantom items as a
+        CatalogReport, then the pseudo-interactions as an InteractionReport (provenance llm_augmented).
+        The loop commits both, so the training data of the following :meth:`fit` holds them."""
+        out = super().produce(view, step=step)
         if self.n_fits % self.params.every == 0 and self.params.users_per_cycle > 0:
-            extra = self.augment(world, step)
-            if extra is not None:
-                u, i = extra
-                data = TrainingData(
-                    users=np.concatenate([data.users, u]),
-                    items=np.concatenate([data.items, i]),
-                    steps=np.concatenate([data.steps, np.full(len(u), max(step - 1, -1), np.int32)]),
-                    provenance=np.concatenate(
-                        [data.provenance, np.full(len(u), PROVENANCE["llm_augmented"], np.int8)]
-                    ),
-                    n_users=max(data.n_users, world.users.n),
-                    n_items=max(data.n_items, world.items.n),
-                )
+            self._reports = []
+            self.augment(view, step)
+            out.extend(self._reports)
+            self._reports = []
+        return out
+
+    def fit(self, data: TrainingData, world, *, step: int, rng, warm_start: bool) -> None:
         self.n_fits += 1
         self.base.fit(data, world, step=step, rng=rng, warm_start=warm_start)
 
@@ -162,18 +164,15 @@ class LLMAugmented(Policy):
         self.aug_counts = _pad(self.aug_counts, n, 0)
 
     def augment(self, world, step: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """One generation round: ask, parse, match, log. Returns the augmented (users, items) or None."""
+        """One generation round: ask, parse, match; the data to add is left as reports in ``_reports``.
+        Returns the augmented (users, items) or None. ``world`` is the platform view."""
         p = self.params
         svc = self.service
         svc.bind_world(world)
-        model = self.context.extra.get("model")
-        history = getattr(model, "history", None)
+        history = world.history
         n_items = world.items.n
         self._grow(n_items)
-        pop = np.zeros(n_items)
-        if model is not None:
-            mp = np.asarray(model.popularity, np.float64)[:n_items]
-            pop[: len(mp)] = mp
+        pop = np.array(world.popularity, np.float64)
         rng = component_rng(self.context.seed, "llm_augment", step)
         active = world.users.active_ids()
         if len(active) == 0:
@@ -230,12 +229,12 @@ class LLMAugmented(Policy):
             self._grow(world.items.n)
             np.add.at(self.aug_counts, ai, 1)
             self.n_augmented += len(au)
-            if model is not None:
-                model.log.add(max(step - 1, -1), au, ai, PROVENANCE["llm_augmented"], initial=step == 0)
+            self._reports.append(InteractionReport(au, ai, PROVENANCE["llm_augmented"], max(step - 1, -1),
+                                                   initial=step == 0, source=self.registry_name))
         self.seq += 1
         stats = generation_stats(col, pop, self.phantom, len(users), len(au), n_new)
         self.last = {"seq": self.seq, "step": step, "stats": stats}
-        if model is None or not len(au):
+        if not len(au):
             return None
         return au, ai
 
@@ -361,15 +360,12 @@ class LLMAugmented(Policy):
                         attrs[j] = world.items.attrs[h].mean(axis=0)
                         gv = world.items.genres[h].mean(axis=0)
                         gen[j] = gv / max(float(gv.sum()), 1e-12)
-                new_ids = world.items.append(
-                    attrs,
-                    gen,
-                    [title_by_key[k] for k in fresh],
-                    np.full(len(fresh), -1, np.int32),
-                    np.zeros(len(fresh), np.int8),
-                    step,
-                )
-                self._grow(world.items.n)
+                added = CatalogReport(world.items.n, attrs, gen, tuple(title_by_key[k] for k in fresh),
+                                      np.full(len(fresh), -1, np.int32), np.zeros(len(fresh), np.int8), step,
+                                      source=self.registry_name)
+                self._reports.append(added)  # committed by the loop before the interactions below
+                new_ids = added.ids
+                self._grow(int(new_ids[-1]) + 1)
                 self.phantom[new_ids] = True
                 for k, i in zip(fresh, new_ids.tolist(), strict=True):
                     self._phantom_by_title[k] = i

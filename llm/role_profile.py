@@ -41,16 +41,19 @@ Its metrics (``llm_profile``, ``llm_demographic_bias``) are in :mod:`.profile_me
 from __future__ import annotations
 
 import copy
+from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from recloop import registry
+from recloop.component import Child
+from recloop.contracts import PlatformView, StageReport
 from recloop.limits import MAX_DIM, MAX_K, MAX_SAMPLE, MAX_STEPS, MAX_TOKENS, MAX_USERS
-from recloop.recommenders.base import Policy, PolicyContext, TrainingData
+from recloop.recommenders.base import Policy, TrainingData
 from recloop.registry import Params, register
-from recloop.sim.rng import component_rng, derive_key, hash_u64
+from recloop.rng import component_rng, derive_key, hash_u64
 
 from .profile_factors import popularity_scores, principal_directions, rank_shift, standardise_rows, standardised_factors
 from .profile_report import refresh_stats, user_record
@@ -70,14 +73,6 @@ from .types import GenerationParams, LLMRequest
 __all__ = ["LLMProfiler", "find_profilers"]
 
 ROLE = "profiler"
-
-
-def _policy_validator(v):
-    if v is None:
-        return None
-    from recloop.recommenders.pipeline import _check_component
-
-    return _check_component("policy", v)
 
 
 # ================================================================================================ helpers
@@ -106,8 +101,9 @@ class LLMProfiler(Policy):
     example_params = {"base": {"type": "popularity"}, "users_per_refresh": 5, "embedder": "hashing"}
 
     class Params(Params):
-        base: dict | None = Field(
+        base: Child("policy") | None = Field(
             default_factory=lambda: {"type": "als"},
+            validate_default=True,
             description="the policy whose scores the profile adjusts (null: profile only)",
         )
         weight: float = Field(
@@ -151,24 +147,19 @@ class LLMProfiler(Policy):
             default_factory=DemographicProbe, description="settings of the llm_demographic_bias metric"
         )
 
-        @field_validator("base")
-        @classmethod
-        def _base(cls, v):
-            return _policy_validator(v)
-
     DEFAULT_PROMPT = (
         "Here are {noun} a user watched, most recent first:\n{history}\n{demographics}\n"
         "Describe this user's taste in two or three short sentences: say which genres they like "
         "and which they dislike."
     )
 
-    def __init__(self, params=None, *, context: PolicyContext | None = None, **kw):
-        super().__init__(params, context=context, **kw)
+    def __init__(self, params=None):
+        super().__init__(params)
         p = self.params
-        self.base = registry.build("policy", p.base, context=self.context) if p.base is not None else None
+        self.base = registry.build("policy", p.base) if p.base is not None else None
         self.online = bool(self.base and self.base.online)
         self.uses_ground_truth = bool(self.base and self.base.uses_ground_truth)
-        self.service = get_service(self.context)
+        self.service = None
         self._embedder = None
         # state (checkpointed)
         self.profiles = np.zeros((0, 0), np.float32)  # (n_users, 384) raw profile embeddings
@@ -189,6 +180,20 @@ class LLMProfiler(Policy):
         self._lens = np.zeros(0)
         self._priors = np.zeros((1, 1))
         self._group = np.zeros(0, np.int64)
+
+    def on_bind(self, context) -> None:
+        self.service = get_service(context)
+
+    def children(self) -> list:
+        return [self.base] if self.base is not None else []
+
+    def stage_report(self) -> StageReport:
+        """The last refreshes (``reports``), the demographic-probe settings, and a read-only
+        ``rank_shift(users, k, step)`` on the profiler's own view."""
+        view = self.context.view
+        return StageReport(self.llm_role, self.registry_name, MappingProxyType({
+            "reports": copy.deepcopy(self.reports), "demographic_probe": self.params.demographic_probe,
+            "rank_shift": lambda users, k, step: self.rank_shift(users, k, view, step)}))
 
     def preflight(self) -> None:
         """Check that the embedding model a run will load is installed, without loading it (``recloop validate``)."""
@@ -246,9 +251,8 @@ class LLMProfiler(Policy):
     # -- profiles -----------------------------------------------------------------------------------
     def _training_data(self, world) -> TrainingData:
         """The platform's log now (the run's training data), or the data of the last fit."""
-        model = self.context.extra.get("model")
-        if model is not None and hasattr(model, "training_data"):
-            return model.training_data()
+        if isinstance(world, PlatformView):
+            return world.training_data()
         if self._data is None:
             return TrainingData.empty(world.users.n, world.items.n)
         return self._data
@@ -376,7 +380,7 @@ class LLMProfiler(Policy):
     def _profile_matrix(self, world) -> tuple[np.ndarray, np.ndarray]:
         """(projected profiles (cap, r) scaled by weight, projected item embeddings (n_items, r))."""
         E = self.item_embeddings(world)
-        cap = max(world.users.prefs.shape[0], world.users.n)
+        cap = max(world.users.capacity, world.users.n)
         self._ensure_users(cap, E.shape[1])
         key = (self.seq, cap, E.shape[0], None if self.proj is None else self.proj.shape)
         hit = self._pm_cache
@@ -389,7 +393,7 @@ class LLMProfiler(Policy):
 
     def factors(self, world):
         n_items = world.items.n
-        key = (self.version, n_items, world.users.n, world.users.prefs.shape[0])
+        key = (self.version, n_items, world.users.n, world.users.capacity)
         if self._factor_cache is not None and self._factor_cache[0] == key:
             return self._factor_cache[1]
         base_f = self.base.factors(world) if self.base is not None else None

@@ -27,15 +27,17 @@ The role uses the run's :class:`~.service.LLMService` (cache, budget, accounting
 from __future__ import annotations
 
 import copy
+from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
+from recloop.contracts import PlatformView, StageReport
 from recloop.limits import MAX_ITERATIONS, MAX_K, MAX_USERS
-from recloop.recommenders.base import PolicyContext
+from recloop.recommenders.rerankers import Reranker
 from recloop.registry import Params, register
-from recloop.sim.rng import derive_key, hash_u64
+from recloop.rng import derive_key, hash_u64
 
 from .parsing import parse_ranking
 from .roles import _history_items, _titles_line, _topk_lex, _zscore_rows
@@ -46,7 +48,7 @@ __all__ = ["LLMRank"]
 
 
 @register("reranker", "llm_rank")
-class LLMRank:
+class LLMRank(Reranker):
     """R3 LLM re-ranker (F-RANK): the LLM re-orders the top ``max_candidates`` candidates of an earlier
     stage for up to ``users_per_cycle`` users (by generation + parsing, or by title log-likelihood),
     optionally over ``shuffles`` permutations aggregated by Borda count; others keep the base order."""
@@ -79,15 +81,22 @@ class LLMRank:
         "The title this user will enjoy most next is:"
     )
 
-    def __init__(self, params=None, *, context: PolicyContext | None = None, **_: Any):
-        self.params = params if params is not None else type(self).Params()
-        self.context = context or PolicyContext(seed=0)
-        self.service = get_service(self.context)
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.service = None
         self.cycle: dict[str, Any] = self._new_cycle(-1)
         self._sel_step = -2
         self._sel_users = np.zeros(0, np.int64)
         self.served_total = 0
         self.fallbacks_total = 0
+
+    def on_bind(self, context) -> None:
+        self.service = get_service(context)
+
+    def stage_report(self) -> StageReport:
+        return StageReport(self.llm_role, self.registry_name, MappingProxyType({
+            "cycle": copy.deepcopy(self.cycle), "served_total": self.served_total,
+            "fallbacks_total": self.fallbacks_total}))
 
     @staticmethod
     def _new_cycle(step: int) -> dict[str, Any]:
@@ -161,16 +170,14 @@ class LLMRank:
         p = self.params
         svc = self.service
         svc.bind_world(world)
-        model = self.context.extra.get("model")
-        hist_src = (
-            history if history is not None and hasattr(history, "csr") else getattr(model, "history", None)
-        )
+        in_loop = isinstance(world, PlatformView)
+        hist_src = history if history is not None and hasattr(history, "csr") else (
+            world.history if in_loop else None)
         ptr, hist = _history_items(hist_src, users[rows])
         n_items = world.items.n
         pop = np.zeros(n_items)
-        if model is not None:
-            mp = np.asarray(model.popularity, np.float64)[:n_items]
-            pop[: len(mp)] = mp
+        if in_loop:
+            pop[:] = world.popularity
         titles = world.items.titles
         B = max(1, p.shuffles)
         key = derive_key(self.context.seed, "llm_rank.perm", step)

@@ -39,7 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from .accounting import MALFORMED_REASONS, _new_role
+from recloop import registry
+from recloop.sim.llm_accounting import MALFORMED_REASONS, _new_role
+
 from .cache import Budget, CachedBackend
 from .config import LLMConfig, build_backend
 from .types import GenerationParams, LLMBackend, LLMRequest, LLMResponse, as_requests
@@ -144,6 +146,15 @@ class LLMService:
 
         if isinstance(self.inner, SurrogateLLM):
             self.inner.bind_catalog(world.items.titles)
+
+    def on_restore(self) -> None:
+        """After a resume replaced the world: re-read the catalog through the bound view."""
+        view, self.world = self.world, None
+        self.bind_world(view)
+
+    def manifest(self) -> dict[str, Any]:
+        """The run manifest's entry: ``{"llm": accounting}``."""
+        return {"llm": self.accounting}
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -435,7 +446,7 @@ class LLMService:
 
 
 def _scenario_llm(context) -> LLMConfig:
-    sc = (getattr(context, "extra", None) or {}).get("scenario")
+    sc = getattr(context, "scenario", None)
     cfg = getattr(sc, "llm", None) if sc is not None else None
     if cfg is None:
         return LLMConfig()
@@ -446,24 +457,29 @@ def _scenario_llm(context) -> LLMConfig:
     return LLMConfig.model_validate(cfg)
 
 
+SERVICE = "llm"
+
+
+def new_service(context) -> LLMService:
+    """A new :class:`LLMService` for a run, from the scenario's ``llm:`` block in the build context."""
+    return LLMService(
+        _scenario_llm(context),
+        run_dir=context.run_dir,
+        seed=context.seed,
+        world=context.view,
+        label=f"{context.name}/seed={context.seed}",
+    )
+
+
+registry.register_service(SERVICE, new_service)
+
+
 def get_service(context) -> LLMService:
-    """The run's :class:`LLMService` (built on first use from the scenario's ``llm:`` block and
-    memoised in ``context.extra["llm_service"]``, so every LLM stage of a policy shares it)."""
-    extra = context.extra
-    svc = extra.get("llm_service")
-    if svc is None:
-        world = extra.get("world")
-        svc = LLMService(
-            _scenario_llm(context),
-            run_dir=extra.get("run_dir"),
-            seed=context.seed,
-            world=world,
-            label=f"{context.name}/seed={context.seed}",
-        )
-        extra["llm_service"] = svc
-    return svc
+    """The run's :class:`LLMService`: a shared service of the build context (``context.services["llm"]``),
+    built on first use from the scenario's ``llm:`` block, so every LLM stage of a run shares it."""
+    return context.service(SERVICE, lambda: new_service(context))
 
 
 def has_service(context) -> bool:
     """Whether an LLM stage of this run has created the service."""
-    return context is not None and (getattr(context, "extra", None) or {}).get("llm_service") is not None
+    return context is not None and SERVICE in getattr(context, "services", {})

@@ -28,9 +28,9 @@ import numpy as np
 
 from recloop import registry
 from recloop.recommenders.base import Feedback, PolicyContext, TrainingData
+from recloop.rng import component_rng, derive_key
 from recloop.sim.checkpoint import roundtrip
 from recloop.sim.engine import ScoringEngine
-from recloop.sim.rng import component_rng, derive_key
 from recloop.sim.state import History
 
 

@@ -137,6 +137,23 @@ def load_plugins() -> None:
             obj()
 
 
+_SERVICES: dict[str, Any] = {}
+
+
+def register_service(name: str, factory) -> None:
+    """Register the factory of a shared run service (``factory(context) -> service``): a higher layer
+    (the LLM code) provides it, the loop and ``recloop validate`` build it by name."""
+    _SERVICES[name] = factory
+
+
+def service_factory(name: str):
+    """The factory registered for service ``name`` (built-in services are loaded first)."""
+    _ensure_loaded()
+    if name not in _SERVICES:
+        raise KeyError(f"no service '{name}' is registered")
+    return _SERVICES[name]
+
+
 def _ensure_loaded() -> None:
     load_builtins()
     load_plugins()
@@ -170,12 +187,16 @@ def get(kind: str, name: str, *, where: str | None = None, file: str | None = No
     )
 
 
-def build(kind: str, config: dict[str, Any] | BaseModel, **context):
-    """Instantiate a component from a ``{type: ..., **params}`` mapping (validated already)."""
+def build(kind: str, config: dict[str, Any] | BaseModel, context=None):
+    """Instantiate a component from a ``{type: ..., **params}`` mapping and, given a
+    :class:`~recloop.contracts.BuildContext`, bind it (every kind the same way)."""
     if isinstance(config, BaseModel):
         config = config.model_dump()
     config = dict(config)
     name = config.pop("type")
     spec = get(kind, name)
     params = spec.params.model_validate(config)
-    return spec.cls(params, **context)
+    obj = spec.cls(params)
+    if context is not None:
+        obj.bind(context)
+    return obj

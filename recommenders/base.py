@@ -8,122 +8,62 @@ chunking and the fused top-k, so a policy never builds a users x items matrix.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
-import scipy.sparse as sp
 
+from recloop.component import Component
+from recloop.contracts import PROVENANCE, PROVENANCE_NAMES, BuildContext, Feedback, PlatformView, TrainingData
 from recloop.registry import Params
 from recloop.sim.engine import ScoringEngine
 
-PROVENANCE = {"organic": 0, "recommended": 1, "llm_augmented": 2}
-PROVENANCE_NAMES = {v: k for k, v in PROVENANCE.items()}
+__all__ = ["PROVENANCE", "PROVENANCE_NAMES", "Feedback", "Policy", "PolicyContext", "TrainingData"]
+
+#: the build context a policy receives (the same :class:`~recloop.contracts.BuildContext` as every kind)
+PolicyContext = BuildContext
 
 
-@dataclass
-class PolicyContext:
-    """What a policy knows about the run when it is built."""
+class Policy(Component):
+    """Base class for recommendation policies (registered with ``@register("policy", name)``).
 
-    seed: int
-    name: str = "policy"
-    engine: ScoringEngine = field(default_factory=ScoringEngine)
-    dim: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TrainingData:
-    """Logged interactions a policy trains on (COO columns), with provenance per row."""
-
-    users: np.ndarray
-    items: np.ndarray
-    steps: np.ndarray
-    provenance: np.ndarray
-    n_users: int
-    n_items: int
-
-    @classmethod
-    def empty(cls, n_users: int, n_items: int) -> TrainingData:
-        z = np.zeros(0, np.int64)
-        return cls(z, z, z.astype(np.int32), z.astype(np.int8), n_users, n_items)
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-    def matrix(self, binary: bool = True) -> sp.csr_matrix:
-        """users x items sparse matrix (counts, or 1 where any interaction)."""
-        m = sp.csr_matrix(
-            (np.ones(len(self.users), np.float32), (self.users, self.items)), shape=(self.n_users, self.n_items)
-        )
-        m.sum_duplicates()
-        if binary:
-            m.data[:] = 1.0
-        return m
-
-    def popularity(self) -> np.ndarray:
-        """φ(i): number of distinct users who interacted with i (the Elliot convention)."""
-        if len(self.users) == 0:
-            return np.zeros(self.n_items, np.float64)
-        key = np.unique(self.users.astype(np.int64) * self.n_items + self.items)
-        return np.bincount(key % self.n_items, minlength=self.n_items).astype(np.float64)
-
-
-@dataclass
-class Feedback:
-    """What happened in one cycle, for online policies and metrics."""
-
-    step: int
-    users: np.ndarray  # (n,) active user ids
-    slates: np.ndarray  # (n, k) item ids, -1 for empty slots
-    chosen_pos: np.ndarray  # (n,) position in slate, -1 = no click
-    chosen_item: np.ndarray  # (n,) item id, -1 = no click
-    utility: np.ndarray  # (n,) realised true utility (0 for no click)
-    #: every (users, items) pair consumed this cycle: picks from slates, extra accepts of multi-accept
-    #: choice models and organic picks (None: only ``chosen_item``)
-    consumed: tuple[np.ndarray, np.ndarray] | None = None
-
-
-class Policy:
-    """Base class for recommendation policies (registered with ``@register("policy", name)``)."""
+    Every method that takes ``view`` receives a :class:`~recloop.contracts.PlatformView`: the log,
+    histories, popularity and the observable item features. User preferences are hidden unless the
+    class declares ``uses_ground_truth = True`` (then ``view.truth`` is the world)."""
 
     class Params(Params):
         pass
 
     #: True when the policy learns from every cycle's feedback through :meth:`update`.
     online: bool = False
-    #: True when the policy needs the simulator's ground truth (the ideal oracle does).
-    uses_ground_truth: bool = False
 
-    def __init__(self, params: Params | None = None, *, context: PolicyContext | None = None, **_: Any):
-        self.params = params if params is not None else type(self).Params()
-        self.context = context or PolicyContext(seed=0)
+    @property
+    def engine(self) -> ScoringEngine:
+        ctx = self.context
+        return ctx.engine if ctx is not None and ctx.engine is not None else _default_engine()
 
     # -- training -----------------------------------------------------------------------------
-    def fit(self, data: TrainingData, world, *, step: int, rng: np.random.Generator, warm_start: bool) -> None:
+    def fit(self, data: TrainingData, view: PlatformView, *, step: int, rng: np.random.Generator,
+            warm_start: bool) -> None:
         """(Re)train on ``data``; ``warm_start`` continues from the current parameters."""
 
-    def update(self, feedback: Feedback, world) -> None:
+    def update(self, feedback: Feedback, view: PlatformView) -> None:
         """Online learning from one cycle (no-op unless ``online``)."""
 
     # -- scoring ------------------------------------------------------------------------------
-    def factors(self, world) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    def factors(self, view: PlatformView) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
         """(user_factors, item_factors, item_bias) for the BLAS fast path, or None."""
         return None
 
-    def score(self, users: np.ndarray, world, step: int = 0) -> np.ndarray:
+    def score(self, users: np.ndarray, view: PlatformView, step: int = 0) -> np.ndarray:
         """Dense scores (len(users), n_items) for a chunk of users."""
-        f = self.factors(world)
+        f = self.factors(view)
         if f is None:
             raise NotImplementedError(f"{type(self).__name__} must implement factors() or score()")
         U, V, b = f
         s = U[users].astype(np.float32) @ V.T.astype(np.float32)
         return s + b if b is not None else s
 
-    def score_pairs(self, users: np.ndarray, items: np.ndarray, world, step: int = 0) -> np.ndarray:
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, view: PlatformView, step: int = 0) -> np.ndarray:
         """Scores for given candidates: ``items`` is (n, m) aligned with ``users`` (n,); -1 → -inf."""
-        f = self.factors(world)
+        f = self.factors(view)
         safe = np.maximum(items, 0)
         if f is not None:
             U, V, b = f
@@ -131,27 +71,30 @@ class Policy:
             if b is not None:
                 s = s + b[safe]
         else:
-            s = np.take_along_axis(self.score(users, world, step), safe, axis=1)
+            s = np.take_along_axis(self.score(users, view, step), safe, axis=1)
         return np.where(items < 0, -np.inf, s).astype(np.float32)
 
     def recommend(
-        self, users: np.ndarray, k: int, world, *, exclude=None, step: int = 0, engine: ScoringEngine | None = None,
-        on_chunk=None,
+        self, users: np.ndarray, k: int, view: PlatformView, *, exclude=None, step: int = 0,
+        engine: ScoringEngine | None = None, on_chunk=None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Ranked slates (len(users), k) of item ids (-1 = empty) and their scores."""
-        engine = engine or self.context.engine
-        f = self.factors(world)
+        """Ranked slates (len(users), k) of item ids (-1 = empty) and their scores; ``on_chunk`` is the
+        engine's sink (called with each chunk's slates, e.g. the users' choice)."""
+        engine = engine or self.engine
+        n = view.items.n
+        f = self.factors(view)
         if f is not None:
             U, V, b = f
-            return engine.topk_factors(users, k, U, V[: world.items.n], None if b is None else b[: world.items.n],
-                                       exclude=exclude, on_chunk=on_chunk)
-        return engine.topk(users, k, world.items.n, lambda ids: self.score(ids, world, step), exclude=exclude,
-                           on_chunk=on_chunk)
+            return engine.topk_factors(users, k, U, V[:n], None if b is None else b[:n], exclude=exclude,
+                                       on_chunk=on_chunk)
+        return engine.topk(users, k, n, lambda ids: self.score(ids, view, step), exclude=exclude, on_chunk=on_chunk)
 
-    # -- checkpoints --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume (default: the instance's attributes minus the context)."""
-        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("context", "params")}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(copy.deepcopy(state))
+_ENGINE: list[ScoringEngine] = []
+
+
+def _default_engine() -> ScoringEngine:
+    """An engine for a policy used on its own, outside a run (notebooks, tests)."""
+    if not _ENGINE:
+        _ENGINE.append(ScoringEngine())
+    return _ENGINE[0]

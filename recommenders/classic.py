@@ -7,7 +7,7 @@ from pydantic import Field
 
 from recloop.recommenders.base import Feedback, Policy, TrainingData
 from recloop.registry import Params, register
-from recloop.sim.rng import derive_key, hash_uniform
+from recloop.rng import derive_key, hash_uniform
 
 
 @register("policy", "random")
@@ -24,8 +24,8 @@ class PopularityPolicy(Policy):
     """E-POP: rank by φ(i), the number of distinct users who interacted with i in the training data;
     ties break by lower item id."""
 
-    def __init__(self, params=None, **kw):
-        super().__init__(params, **kw)
+    def __init__(self, params=None):
+        super().__init__(params)
         self.pop = np.zeros(0, np.float32)
 
     def fit(self, data: TrainingData, world, *, step, rng, warm_start):
@@ -35,7 +35,7 @@ class PopularityPolicy(Policy):
         n = world.items.n
         pop = np.zeros(n, np.float32)
         pop[: min(n, len(self.pop))] = self.pop[:n]
-        users = np.zeros((world.users.prefs.shape[0], 1), np.float32)
+        users = np.zeros((world.users.capacity, 1), np.float32)
         return users, np.zeros((n, 1), np.float32), pop
 
 
@@ -45,8 +45,9 @@ class IdealPolicy(Policy):
 
     uses_ground_truth = True
 
-    def factors(self, world):
-        return world.users.prefs, world.items.attrs[: world.items.n], None
+    def factors(self, view):
+        truth = view.truth  # granted: uses_ground_truth
+        return truth.users.prefs, truth.items.attrs[: truth.items.n], None
 
 
 @register("policy", "content")
@@ -62,13 +63,13 @@ class ContentFiltering(Policy):
     class Params(Params):
         prior_weight: float = Field(1.0, ge=0, description="pseudo-count of the population mean profile")
 
-    def __init__(self, params=None, **kw):
-        super().__init__(params, **kw)
+    def __init__(self, params=None):
+        super().__init__(params)
         self.sums = None
         self.counts = None
 
     def _ensure(self, world):
-        n, d = world.users.prefs.shape[0], world.items.dim
+        n, d = world.users.capacity, world.items.dim
         if self.sums is None:
             self.sums = np.zeros((n, d), np.float32)
             self.counts = np.zeros(n, np.float32)

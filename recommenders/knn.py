@@ -25,7 +25,7 @@ from pydantic import Field
 from recloop.limits import MAX_ITEMS
 from recloop.registry import Params, register
 
-from .base import Policy, PolicyContext, TrainingData
+from .base import Policy, TrainingData
 
 #: float32 entries per dense similarity block (2^21 ≈ 8 MiB; small blocks stay in cache and are faster).
 BLOCK_ENTRIES = 1 << 21
@@ -98,8 +98,8 @@ class ItemKNN(Policy):
         neighbors: int = Field(50, ge=1, le=MAX_ITEMS, description="neighbours K kept per item")
         shrink: float = Field(0.0, ge=0.0, description="shrinkage added to the cosine denominator")
 
-    def __init__(self, params: Params | None = None, *, context: PolicyContext | None = None, **kw: Any):
-        super().__init__(params, context=context, **kw)
+    def __init__(self, params: Params | None = None):
+        super().__init__(params)
         self.H: sp.csr_matrix | None = None  # users x items binary training matrix
         self.S: sp.csr_matrix | None = None  # items x items, S[j, i] = sim(i, j) for j in N_K(i)
 

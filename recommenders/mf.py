@@ -30,7 +30,7 @@ from pydantic import Field
 from recloop.limits import MAX_DIM, MAX_ITERATIONS, MAX_SAMPLE, MAX_THREADS
 from recloop.registry import Params, register
 
-from .base import Policy, PolicyContext, TrainingData
+from .base import Policy, TrainingData
 
 
 def _seed_from(rng: np.random.Generator) -> int:
@@ -109,8 +109,8 @@ def als_half_step(
 class _FactorPolicy(Policy):
     """Shared plumbing: float32 factor arrays, growth padding, array-only checkpoints."""
 
-    def __init__(self, params: Params | None = None, *, context: PolicyContext | None = None, **kw: Any):
-        super().__init__(params, context=context, **kw)
+    def __init__(self, params: Params | None = None):
+        super().__init__(params)
         self.user_factors: np.ndarray | None = None
         self.item_factors: np.ndarray | None = None
         self.item_bias: np.ndarray | None = None

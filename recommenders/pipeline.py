@@ -14,31 +14,14 @@ bounded by the chunk. Later stages (LLM rankers, conformal set outputs) are re-r
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from recloop import registry
+from recloop.component import Child
 from recloop.limits import MAX_ITEMS
-from recloop.recommenders.base import Policy, PolicyContext
+from recloop.recommenders.base import Policy
 from recloop.registry import Params, register
-
-
-def _check_component(kind: str, value: Any) -> dict:
-    if not isinstance(value, dict) or "type" not in value:
-        allowed = ", ".join(registry.names(kind))
-        raise ValueError(f"must be a mapping with a 'type:' naming a {kind}; allowed: {allowed}")
-    spec = registry.get(kind, value["type"])
-    cfg = {k: v for k, v in value.items() if k != "type"}
-    try:
-        spec.params.model_validate(cfg)
-    except Exception as exc:  # pydantic ValidationError → one line
-        errs = getattr(exc, "errors", lambda: [])()
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs) or str(exc)
-        allowed = ", ".join(spec.params.model_fields)
-        raise ValueError(f"{kind} '{value['type']}': {detail} (allowed keys: {allowed or 'none'})") from None
-    return value
 
 
 @register("policy", "pipeline")
@@ -49,47 +32,35 @@ class Pipeline(Policy):
                       "reranker": {"type": "mmr"}}
 
     class Params(Params):
-        retrieval: dict = Field(description="a policy producing candidates ({type: ..., ...})")
+        retrieval: Child("policy") = Field(description="a policy producing candidates ({type: ..., ...})")
         candidates: int = Field(100, gt=0, le=MAX_ITEMS, description="candidates kept per user after retrieval")
-        ranker: dict | None = Field(None, description="a policy that rescores the candidates")
-        reranker: dict | None = Field(None, description="a re-ranker ({type: mmr|calibrated|fair|...})")
+        ranker: Child("policy") | None = Field(None, description="a policy that rescores the candidates")
+        reranker: Child("reranker") | None = Field(None, description="a re-ranker ({type: mmr|calibrated|fair|...})")
 
-        @field_validator("retrieval", "ranker")
-        @classmethod
-        def _policy(cls, v):
-            return None if v is None else _check_component("policy", v)
-
-        @field_validator("reranker")
-        @classmethod
-        def _reranker(cls, v):
-            return None if v is None else _check_component("reranker", v)
-
-    def __init__(self, params=None, *, context: PolicyContext | None = None, **kw):
-        super().__init__(params, context=context, **kw)
+    def __init__(self, params=None):
+        super().__init__(params)
         p = self.params
-        ctx = self.context
-        self.retrieval = registry.build("policy", p.retrieval, context=ctx)
-        self.ranker = registry.build("policy", p.ranker, context=ctx) if p.ranker else None
-        self.reranker = registry.build("reranker", p.reranker, context=ctx) if p.reranker else None
+        self.retrieval = registry.build("policy", p.retrieval)
+        self.ranker = registry.build("policy", p.ranker) if p.ranker else None
+        self.reranker = registry.build("reranker", p.reranker) if p.reranker else None
         self.online = self.retrieval.online or bool(self.ranker and self.ranker.online)
         self.uses_ground_truth = self.retrieval.uses_ground_truth or bool(self.ranker and self.ranker.uses_ground_truth)
 
-    @property
-    def stages(self) -> list:
+    def children(self) -> list:
         return [s for s in (self.retrieval, self.ranker, self.reranker) if s is not None]
 
     def fit(self, data, world, *, step, rng, warm_start):
         for pol in (self.retrieval, self.ranker):
             if pol is not None:
                 pol.fit(data, world, step=step, rng=rng, warm_start=warm_start)
-        if self.reranker is not None and hasattr(self.reranker, "fit"):
+        if self.reranker is not None:
             self.reranker.fit(data, world, step=step, rng=rng, warm_start=warm_start)
 
     def update(self, feedback, world):
         for pol in (self.retrieval, self.ranker):
             if pol is not None and pol.online:
                 pol.update(feedback, world)
-        if self.reranker is not None and hasattr(self.reranker, "update"):
+        if self.reranker is not None:
             self.reranker.update(feedback, world)
 
     def factors(self, world):
@@ -99,7 +70,7 @@ class Pipeline(Policy):
         return self.retrieval.score(users, world, step)
 
     def recommend(self, users, k, world, *, exclude=None, step=0, engine=None, on_chunk=None):
-        engine = engine or self.context.engine
+        engine = engine or self.engine
         users = np.asarray(users, dtype=np.int64)
         m = max(k, self.params.candidates)
         out_i = np.full((len(users), k), -1, np.int64)
@@ -133,7 +104,7 @@ class Pipeline(Policy):
         return {
             "retrieval": self.retrieval.state_dict(),
             "ranker": self.ranker.state_dict() if self.ranker else None,
-            "reranker": self.reranker.state_dict() if self.reranker and hasattr(self.reranker, "state_dict") else None,
+            "reranker": self.reranker.state_dict() if self.reranker else None,
         }
 
     def load_state_dict(self, state):

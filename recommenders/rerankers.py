@@ -24,6 +24,8 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import ConfigDict, Field
 
+from recloop.component import Component
+from recloop.contracts import PlatformView
 from recloop.registry import Params, register
 
 NEG = -np.inf
@@ -142,25 +144,14 @@ def calibration_kl(p: np.ndarray, q: np.ndarray, alpha: float = 0.01) -> np.ndar
 
 
 # ------------------------------------------------------------------------------------------------ base
-class Reranker:
-    """Base class for re-rankers (registered with ``@register("reranker", name)``)."""
+class Reranker(Component):
+    """Base class for re-rankers (registered with ``@register("reranker", name)``); ``world`` in their
+    methods is the platform view (:class:`~recloop.contracts.PlatformView`)."""
 
     class Params(Params):
         pass
 
-    def __init__(self, params: Params | None = None, **context: Any):
-        self.params = params if params is not None else type(self).Params()
-        self.context = context
-
-    def context_value(self, key: str, default: Any = None) -> Any:
-        """A build-context value: a keyword given to the constructor, or ``context.extra[key]`` of the
-        :class:`PolicyContext` passed as ``context=`` (what ``registry.build(..., context=ctx)`` does)."""
-        if key in self.context:
-            return self.context[key]
-        extra = getattr(self.context.get("context"), "extra", None) or {}
-        return extra.get(key, default)
-
-    def fit(self, data, world, *, step: int = 0, **_: Any) -> None:
+    def fit(self, data, world, *, step: int = 0, rng=None, warm_start: bool = False) -> None:
         """Optional: see the training log at each retrain (``TrainingData``). Default: nothing."""
 
     def update(self, feedback, world) -> None:
@@ -427,9 +418,8 @@ class PopularityPenalty(Reranker):
     With ``normalize=True`` (default) rel is the per-user min-max normalised base score and
     pen = log(1+φ)/log(1+max φ), both in [0, 1], so ``weight`` is on the same scale for every base policy;
     with ``normalize=False`` it is the raw score minus w·log(1+φ). φ(i) (distinct users who interacted with
-    i) comes from, in order: the training log passed to :meth:`fit`; ``popularity`` in the build context
-    (an array, or a callable ``world -> array``; a constructor keyword or ``PolicyContext.extra``); the
-    ``history`` object (``to_coo()``, recomputed each call); otherwise 0 (no penalty). Items beyond the
+    i) comes from, in order: the training log passed to :meth:`fit`; the platform view's ``popularity``;
+    the ``history`` object (``to_coo()``, recomputed each call); otherwise 0 (no penalty). Items beyond the
     known φ count as φ = 0.
     """
 
@@ -437,19 +427,18 @@ class PopularityPenalty(Reranker):
         weight: float = Field(0.25, ge=0.0, description="penalty weight w")
         normalize: bool = True
 
-    def __init__(self, params: Params | None = None, **context: Any):
-        super().__init__(params, **context)
+    def __init__(self, params: Params | None = None):
+        super().__init__(params)
         self.popularity: np.ndarray | None = None
 
-    def fit(self, data, world, *, step: int = 0, **_: Any) -> None:
+    def fit(self, data, world, *, step: int = 0, rng=None, warm_start: bool = False) -> None:
         self.popularity = np.asarray(data.popularity(), dtype=np.float64)
 
     def _phi(self, world, history) -> np.ndarray:
         if self.popularity is not None:
             return self.popularity
-        ctx = self.context_value("popularity")
-        if ctx is not None:
-            return np.asarray(ctx(world) if callable(ctx) else ctx, dtype=np.float64)
+        if isinstance(world, PlatformView):
+            return np.asarray(world.popularity, dtype=np.float64)
         if history is not None and hasattr(history, "to_coo"):
             u, i = history.to_coo()
             if len(u):

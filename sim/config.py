@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from recloop import registry
+from recloop.component import Child
 from recloop.errors import RecloopInputError
 from recloop.limits import (
     MAX_K,
@@ -34,8 +35,8 @@ from recloop.limits import (
     POLICY_NAME_PATTERN,
     Seed,
 )
-from recloop.llm.config import LLMConfig
 from recloop.registry import Params
+from recloop.sim.llm_settings import LLMConfig
 from recloop.sim.scenario_errors import _unregistered_type_key, check_numbers, format_validation_error
 from recloop.sim.scenario_yaml import (  # noqa: F401  (re-exported: the public loading API lives here)
     check_node_graph,
@@ -102,8 +103,10 @@ class UsersConfig(Params):
 class MetricsConfig(Params):
     """Which metrics to record and how (sampling keeps pairwise/oracle metrics cheap)."""
 
-    include: list[str] | None = Field(None, description="metric component ids; default: all defaults")
-    exclude: list[str] = Field(default_factory=list)
+    include: list[str | Child("metric")] | None = Field(  # type: ignore[valid-type]
+        None, description="metric components: ids, or blocks with parameters ({type: homogenization, "
+                          "pairs: 800}); default: every default component")
+    exclude: list[str] = Field(default_factory=list, description="metric component ids left out")
     every: Cycles = 1
     pairs: Sample = Field(800, description="fixed random user pairs for homogenization")
     user_sample: Sample = Field(2000, description="users sampled for history-based metrics")

@@ -295,8 +295,8 @@ class ScoringEngine:
 
         Identical on every backend and chunking; with Numba the scores are never materialised.
         """
+        from recloop.rng import hash_uniform
         from recloop.sim import kernels
-        from recloop.sim.rng import hash_uniform
 
         users = np.asarray(users, np.int64)
         if not kernels.HAVE_NUMBA:

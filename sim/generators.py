@@ -25,13 +25,14 @@ The simulator's true utility is V_ui = <x_u, a_i>. Its scale per world:
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 from pydantic import Field
 
+from recloop.component import Component
+from recloop.contracts import TrainingData
 from recloop.limits import MAX_CREATORS, MAX_DIM, MAX_ITEMS, MAX_USERS
-from recloop.recommenders.base import TrainingData
 from recloop.registry import Params
 from recloop.sim.state import World
 from recloop.sim.titles import make_titles
@@ -114,15 +115,17 @@ def mean_by_creator(
     return sums / np.maximum(counts, 1)[:, None], counts
 
 
-class WorldGenerator:
-    """Base class for world generators (registered with ``@register("world", name)``)."""
+class WorldGenerator(Component):
+    """Base class for world generators (registered with ``@register("world", name)``): ``build`` draws
+    the world from a seeded generator; data-set worlds also give the real initial log."""
 
     class Params(Params):
         pass
 
-    def __init__(self, params: Params | None = None, **context: Any):
-        self.params = params if params is not None else type(self).Params()
-        self.context = context
+    uses_ground_truth = True
+
+    def __init__(self, params: Params | None = None):
+        super().__init__(params)
         self._title_cache: tuple[list[str], int, set[str]] | None = None
 
     def build(self, rng: np.random.Generator) -> World:

@@ -168,7 +168,7 @@ def gather_dot(x, users, a, items, out):
     return out
 
 
-# -- counter-based hashing (bit-identical to recloop.sim.rng.hash_u64 / hash_uniform) -------------
+# -- counter-based hashing (bit-identical to recloop.rng.hash_u64 / hash_uniform) -------------
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recloop.recommenders.base import TrainingData
+from recloop.contracts import TrainingData
 
 
 class InteractionLog:

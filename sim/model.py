@@ -1,44 +1,55 @@
-"""The feedback loop as a Mesa model: the platform recommends, users choose, the world evolves,
-the policy retrains and the metrics are recorded — one cycle per :meth:`FeedbackLoop.step`.
+"""The feedback loop as a Mesa model: one cycle per :meth:`FeedbackLoop.step`, in six phases.
 
-Mesa's ``Model`` owns the clock and the agent registry; the coarse actors (the platform, the creator
-population) are Mesa agents, while users and items are arrays (see :mod:`recloop.sim.state`). Every
-random draw derives from (run seed, component, cycle), so a run resumed from a checkpoint, or run with
-another chunk size, gives exactly the same numbers.
+    serve → respond → advance → record → measure → retrain
+
+* **serve**: the platform's policy scores the active users through the engine (chunked, fused top-k);
+* **respond**: fused into serving, each chunk of slates goes to the users' choice model (an engine sink);
+  the loop then commits what was consumed (history, popularity, the training log) and organic picks;
+* **advance**: creators adapt and publish, users' tastes move, users leave and arrive (Mesa agents);
+* **record**: the frozen :class:`~recloop.contracts.CycleRecord`; an online policy learns from it;
+* **measure**: the metric components turn the record into rows;
+* **retrain**: on schedule, the policy's stages produce reports (LLM augmentation, phantom items) that
+  the loop commits, then the policy fits on the log.
+
+Mesa's ``Model`` owns the clock and the agent registry; the coarse actors (:mod:`recloop.sim.actors`)
+are Mesa agents whose methods are these phases. Users and items are arrays (:mod:`recloop.sim.state`).
+A policy sees only its :class:`~recloop.contracts.PlatformView`; a metric only the record. Every random
+draw derives from (run seed, component, cycle), so a resumed run, or one with another chunk size,
+gives exactly the same numbers.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from types import MappingProxyType
 
 import mesa
 import numpy as np
+from mesa.agent import AgentSet
 
 from recloop import registry
+from recloop.contracts import (
+    PROVENANCE,
+    BuildContext,
+    CatalogReport,
+    ConsumedSets,
+    CycleRecord,
+    InteractionReport,
+    PlatformView,
+    PolicyProbe,
+    Report,
+    WorldShape,
+)
 from recloop.errors import RecloopInputError
-from recloop.recommenders.base import PROVENANCE, Feedback, PolicyContext
+from recloop.rng import component_rng, derive_key
+from recloop.sim.actors import CreatorsAgent, PlatformAgent, UsersAgent
 from recloop.sim.checkpoint import CheckpointError
 from recloop.sim.engine import ScoringEngine
 from recloop.sim.log import InteractionLog
-from recloop.sim.rng import component_rng, derive_key, hash_u64, hash_uniform
+from recloop.sim.measure import MetricSuite
+from recloop.sim.respond import Response
 from recloop.sim.state import History, World
-
-
-class PlatformAgent(mesa.Agent):
-    """The platform: serves slates from the policy and retrains it on schedule."""
-
-    def __init__(self, model: FeedbackLoop, policy):
-        super().__init__(model)
-        self.policy = policy
-
-
-class CreatorsAgent(mesa.Agent):
-    """The creator population (array-backed): adapts to consumption and publishes items."""
-
-    def __init__(self, model: FeedbackLoop, creators):
-        super().__init__(model)
-        self.creators = creators
 
 
 class FeedbackLoop(mesa.Model):
@@ -47,73 +58,179 @@ class FeedbackLoop(mesa.Model):
     def __init__(self, scenario, policy_name: str, policy_cfg, seed: int, *, restore: dict | None = None,
                  scenario_file: str | None = None, run_dir: str | None = None):
         super().__init__(rng=seed)
-        self.scenario = scenario
+        self.scenario = sc = scenario
         self.policy_name = policy_name
         self.seed = int(seed)
         self.t = 0
         self.timings: dict[str, list[float]] = defaultdict(list)
-        sc = scenario
         self.generator = registry.build("world", sc.world)
         self.world = self.generator.build(component_rng(seed, "world"))
-        n_items = self.world.items.n
-        if sc.k > n_items:
-            raise RecloopInputError(
-                f"k={sc.k} is larger than the catalog ({n_items} items). Set 'k' to at most {n_items} or "
-                "enlarge the world's n_items.", file=scenario_file, key="k")
+        _check_k(sc, self.world, scenario_file)
         eng = sc.engine
         self.engine = ScoringEngine(eng.backend, chunk_rows=eng.chunk_rows, chunk_mib=eng.chunk_mib,
                                     workers=eng.threads)
-        ctx = PolicyContext(seed=self.seed, name=policy_name, engine=self.engine, dim=self.world.items.dim,
-                            extra={"scenario": sc, "run_dir": run_dir, "generator": self.generator,
-                                   "world": self.world, "model": self})
-        self.policy_context = ctx
-        self.policy = registry.build("policy", policy_cfg, context=ctx)
-        self.choice = registry.build("choice", sc.users.choice, seed=self.seed, generator=self.generator)
-        self.dynamics = [registry.build("dynamics", d) for d in sc.users.dynamics]
-        for d in self.dynamics:
-            d.init(self.world)
-        self.population = registry.build("population", sc.users.population, seed=self.seed)
-        self.creators = (registry.build("creator", sc.creators, seed=self.seed, generator=self.generator)
-                         if sc.creators is not None else None)
         self.history = History(self.world.users.n)
         self.log = InteractionLog(sc.retrain.data, sc.retrain.window)
-        self.popularity = np.zeros(n_items, np.float64)
-        from recloop.analysis.collectors import MetricSuite
-
-        self.metrics = MetricSuite(sc.metrics, seed=self.seed, world=self.world, k=sc.k)
-        self.platform = PlatformAgent(self, self.policy)
-        self.creator_agent = CreatorsAgent(self, self.creators)
+        self.popularity = np.zeros(self.world.items.n, np.float64)
+        self.context = self._build_context(run_dir)
+        self._build_actors(policy_cfg)
         if restore is not None:
             self.load_state(restore)
         else:
             self._initial_log()
-            t0 = time.perf_counter()
-            self.policy.fit(self.training_data(), self.world, step=0, rng=component_rng(seed, "fit", 0),
-                            warm_start=False)
-            self.timings["retrain"].append(time.perf_counter() - t0)
+            self.retrain(0, warm_start=False)
 
     # -- setup ------------------------------------------------------------------------------------
+    def _build_context(self, run_dir: str | None) -> BuildContext:
+        w = self.world
+        shape = WorldShape(w.users.n, w.items.n, w.items.dim, w.items.genres.shape[1])
+        return BuildContext(self.seed, self.policy_name, self.engine, shape, run_dir, self.scenario,
+                            view=PlatformView(self, ground_truth=True, who="the simulator"),
+                            generator=self.generator)
+
+    def _build_actors(self, policy_cfg) -> None:
+        """Build and bind every component, and the Mesa agents that own them."""
+        sc, sim = self.scenario, self.context
+        self.generator.bind(sim)
+        policy = registry.build("policy", policy_cfg)
+        who = f"policy '{self.policy_name}'"
+        view = PlatformView(self, ground_truth=policy.uses_ground_truth, who=who)
+        policy.bind(sim.with_view(view))
+        self.platform = PlatformAgent(self, policy, view)
+        self.users_agent = UsersAgent(
+            self, registry.build("choice", sc.users.choice, sim),
+            [registry.build("dynamics", d, sim) for d in sc.users.dynamics],
+            registry.build("population", sc.users.population, sim))
+        creators = registry.build("creator", sc.creators, sim) if sc.creators is not None else None
+        self.creators_agent = CreatorsAgent(self, creators) if creators is not None else None
+        #: the agents that advance the world after each cycle, in order (catalog, then users)
+        self.advancers = AgentSet([a for a in (self.creators_agent, self.users_agent) if a is not None],
+                                       random=self.random)
+        self.metrics = MetricSuite(sc.metrics, sim)
+
+    @property
+    def policy(self):
+        return self.platform.policy
+
     def _initial_log(self) -> None:
         w = self.world
         real = self.generator.initial_log(w, component_rng(self.seed, "initial_log"))
         if real is not None:
-            self._record(-1, real.users, real.items, real.provenance, initial=True)
+            self._commit(-1, real.users, real.items, real.provenance, initial=True)
             return
         cfg = self.scenario.initial_log
         users = w.users.active_ids()
         m = min(cfg.slate_size, w.items.n)
+        choice = self.users_agent.choice
         for r in range(cfg.interactions_per_user):
             key = derive_key(self.seed, "initial_log", r)
             # a random slate per user: m distinct items via hashed ranks (chunking-invariant)
             exclude = None if self.scenario.users.repeat_consumption else self.history
             slate = self.engine.random_topk(users, m, w.items.n, key, exclude=exclude)
             util = w.true_utility(users, slate)
-            pos = self.choice.choose(util, slate >= 0, users, derive_key(self.seed, "initial_choice", r))
+            pos = choice.choose(util, slate >= 0, users, derive_key(self.seed, "initial_choice", r))
             hit = pos >= 0
             items = slate[np.flatnonzero(hit), pos[hit]]
-            self._record(-1, users[hit], items, PROVENANCE["organic"], initial=True)
+            self._commit(-1, users[hit], items, PROVENANCE["organic"], initial=True)
 
-    def _record(self, step, users, items, provenance, initial=False) -> None:
+    # -- one cycle --------------------------------------------------------------------------------
+    def step(self) -> list[tuple[str, str, float]]:
+        """One cycle (Mesa advances ``steps``); the metric rows are also left in ``last_rows``."""
+        t, sc = self.t, self.scenario
+        tc = time.perf_counter()
+        active = self.users_agent.active(t)
+        response, slates, pop_before = self.serve_and_respond(t, active)
+        t0 = time.perf_counter()
+        consumed = self.commit_consumption(t, response)
+        self.advancers.do("advance", response, t)
+        self.history.ensure_users(self.world.users.n)
+        record = self.record(t, slates, response, consumed, pop_before)
+        self.platform.observe(record.feedback)
+        self.timings["update"].append(time.perf_counter() - t0)
+        rows = self.measure(record) if t % sc.metrics.every == 0 else []
+        if (t + 1) % sc.retrain.every == 0:
+            r = sc.retrain
+            full = (not r.warm_start) or (r.full_every > 0 and (t + 1) % r.full_every == 0)
+            self.retrain(t + 1, warm_start=not full)
+        self.t += 1
+        self.timings["cycle"].append(time.perf_counter() - tc)
+        self.last_rows = rows  # Mesa's wrapped step() discards return values
+        return rows
+
+    def serve_and_respond(self, t: int, active: np.ndarray) -> tuple[Response, np.ndarray, np.ndarray]:
+        """serve + respond: slates through the engine, each chunk handed to the users' choice sink."""
+        t0 = time.perf_counter()
+        sink = self.users_agent.sink(active, t)
+        slates, _scores = self.platform.serve(active, t, sink)
+        self.timings["scoring"].append(time.perf_counter() - t0)
+        return sink.response(), slates, self.popularity.copy()
+
+    def commit_consumption(self, t: int, response: Response) -> tuple[np.ndarray, np.ndarray]:
+        """The loop records what users consumed (picks, further accepts, organic picks): histories,
+        popularity and the training log. Returns every (user, item) pair consumed this cycle."""
+        self._cycle_pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        clicked = response.chosen_item >= 0
+        self._commit(t, response.users[clicked], response.chosen_item[clicked], PROVENANCE["recommended"])
+        self._commit(t, response.extra_users, response.extra_items, PROVENANCE["recommended"])
+        if self.scenario.users.organic_rate > 0:
+            users, items = self.users_agent.organic(t, response.users)
+            if len(users) and not self.scenario.users.repeat_consumption:
+                keep = self._new_pairs(users, items)
+                users, items = users[keep], items[keep]
+            self._commit(t, users, items, PROVENANCE["organic"])
+        pairs = self._cycle_pairs
+        if not pairs:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate([u for u, _ in pairs]), np.concatenate([i for _, i in pairs])
+
+    def record(self, t: int, slates, response: Response, consumed, pop_before) -> CycleRecord:
+        """The frozen record of the cycle, for the online policy and the metrics."""
+        measured = t % self.scenario.metrics.every == 0
+        policy_view = self.platform.view
+        return CycleRecord(
+            step=t, seed=self.seed, k=self.scenario.k, users=response.users, slates=slates,
+            chosen_pos=response.chosen_pos, chosen_item=response.chosen_item, utility=response.utility,
+            consumed=consumed, popularity_before=pop_before, popularity=self.popularity,
+            history=ConsumedSets(self.history),
+            user_sample=self.metrics.user_sample(response.users) if measured else np.zeros(0, np.int64),
+            fixed_sample=self.metrics.sample, world=self.world,
+            policy=PolicyProbe(self.policy, policy_view), engine=self.engine,
+            repeat_consumption=self.scenario.users.repeat_consumption, choice_probs=response.choice_probs,
+            reports=tuple(self._last_reports),
+            stages=PolicyProbe(self.policy, policy_view).stage_reports() if measured else (),
+            platform=PlatformView(self, ground_truth=True, who="a metric"),
+            services=MappingProxyType(self.context.services),
+        )
+
+    def measure(self, record: CycleRecord) -> list[tuple[str, str, float]]:
+        t0 = time.perf_counter()
+        rows = self.metrics.measure(record)
+        self.timings["metrics"].append(time.perf_counter() - t0)
+        return rows
+
+    def retrain(self, step: int, warm_start: bool) -> None:
+        """The policy's stages produce reports, the loop commits them, then the policy fits on the log."""
+        reports = self.platform.produce(step)
+        for rep in reports:
+            self.commit_report(rep)
+        self._last_reports = reports
+        self.platform.fit(self.training_data(), step, warm_start)
+
+    # -- commits: the only writers of the log, the histories and the catalog -----------------------
+    def commit_report(self, report: Report) -> None:
+        """Apply a stage's report: items join the catalog, interactions join the training log."""
+        if isinstance(report, CatalogReport):
+            ids = self.world.items.append(report.attrs, report.genres, list(report.titles), report.creator,
+                                          report.group, report.step)
+            if not np.array_equal(ids, report.ids):
+                raise RuntimeError(f"{report.source}: catalog report expected ids from {report.first_id}, got "
+                                   f"{int(ids[0]) if len(ids) else '-'}")
+        elif isinstance(report, InteractionReport):
+            self.log.add(report.step, report.users, report.items, report.provenance, initial=report.initial)
+        else:
+            raise TypeError(f"unknown report type {type(report).__name__}")
+
+    def _commit(self, step, users, items, provenance, initial=False) -> None:
         users = np.asarray(users, np.int64)
         items = np.asarray(items, np.int64)
         if len(users) == 0:
@@ -143,120 +260,29 @@ class FeedbackLoop(mesa.Model):
     def training_data(self):
         return self.log.training_data(self.world.users.n, self.world.items.n)
 
-    # -- one cycle --------------------------------------------------------------------------------
-    def step(self) -> list[tuple[str, str, float]]:
-        """One cycle (Mesa advances ``steps``); the metric rows are left in ``last_rows``."""
-        t = self.t
-        sc = self.scenario
-        w = self.world
-        tc = time.perf_counter()
-        self._cycle_pairs: list[tuple[np.ndarray, np.ndarray]] = []  # what users consume in this cycle
-        active = self.population.active_users(w, t)
-        n = len(active)
-        chosen_pos = np.full(n, -1, np.int64)
-        chosen_item = np.full(n, -1, np.int64)
-        realised = np.zeros(n, np.float32)
-        key = derive_key(self.seed, "choice", t)
-        many = getattr(self.choice, "choose_many", None)  # multi-accept models (e.g. EchoTrace replay)
-        extra_users: list[np.ndarray] = []
-        extra_items: list[np.ndarray] = []
+    # -- manifest and checkpoints -------------------------------------------------------------------
+    def run_report(self) -> dict:
+        """Facts for the run's manifest entry: each component's ``run_report()`` (policy tree order) and
+        each shared service's ``manifest()`` (e.g. the LLM accounting)."""
+        out: dict = {}
+        stack = [self.policy]
+        while stack:
+            comp = stack.pop(0)
+            report = getattr(comp, "run_report", None)
+            if callable(report):
+                out.update(report())
+            stack.extend(comp.children())
+        for svc in self.context.services.values():
+            manifest = getattr(svc, "manifest", None)
+            if callable(manifest):
+                out.update(manifest())
+        return out
 
-        def on_chunk(sl, items, scores):
-            u = active[sl]
-            valid = items >= 0
-            true_u = np.where(valid, w.true_utility(u, items), 0.0).astype(np.float32)
-            perceived = true_u
-            for d in self.dynamics:
-                perceived = d.adjust(u, items, perceived, w)
-            if many is not None:
-                accept = many(perceived, valid, u, key, step=t) & valid
-                pos = np.where(accept.any(axis=1), np.argmax(accept, axis=1), -1)
-                rest = accept.copy()
-                rest[np.arange(len(u)), np.maximum(pos, 0)] = False
-                r, c = np.nonzero(rest)
-                extra_users.append(u[r])
-                extra_items.append(items[r, c])
-            else:
-                pos = self.choice.choose(perceived, valid, u, key)
-            hit = pos >= 0
-            rows = np.flatnonzero(hit)
-            chosen_pos[sl] = pos
-            ci = np.full(len(u), -1, np.int64)
-            ci[rows] = items[rows, pos[hit]]
-            chosen_item[sl] = ci
-            ru = np.zeros(len(u), np.float32)
-            ru[rows] = true_u[rows, pos[hit]]
-            if many is not None:
-                ru = np.where(accept, true_u, 0.0).sum(axis=1).astype(np.float32)
-            realised[sl] = ru
-
-        t0 = time.perf_counter()
-        exclude = None if sc.users.repeat_consumption else self.history
-        slates, scores = self.policy.recommend(active, sc.k, w, exclude=exclude, step=t, engine=self.engine,
-                                               on_chunk=on_chunk)
-        self.timings["scoring"].append(time.perf_counter() - t0)
-        pop_before = self.popularity.copy()
-
-        t0 = time.perf_counter()
-        clicked = chosen_item >= 0
-        self._record(t, active[clicked], chosen_item[clicked], PROVENANCE["recommended"])
-        if extra_users:
-            self._record(t, np.concatenate(extra_users), np.concatenate(extra_items), PROVENANCE["recommended"])
-        if sc.users.organic_rate > 0:
-            self._organic(t, active)
-        for d in self.dynamics:
-            d.update(active, chosen_item, w, t)
-        if self.creators is not None:
-            self.creators.step(w, t, active, chosen_item)
-            if len(self.popularity) < w.items.n:
-                self.popularity = np.concatenate([self.popularity, np.zeros(w.items.n - len(self.popularity))])
-        self.population.step(w, t, clicked, active)
-        self.history.ensure_users(w.users.n)
-        pairs = self._cycle_pairs
-        consumed = (np.concatenate([u for u, _ in pairs]), np.concatenate([i for _, i in pairs])) if pairs else \
-            (np.zeros(0, np.int64), np.zeros(0, np.int64))
-        feedback = Feedback(step=t, users=active, slates=slates, chosen_pos=chosen_pos, chosen_item=chosen_item,
-                            utility=realised, consumed=consumed)
-        if self.policy.online:
-            self.policy.update(feedback, w)
-        self.timings["update"].append(time.perf_counter() - t0)
-
-        rows: list[tuple[str, str, float]] = []
-        if t % sc.metrics.every == 0:
-            t0 = time.perf_counter()
-            rows = self.metrics.compute(self, feedback, pop_before)
-            self.timings["metrics"].append(time.perf_counter() - t0)
-
-        if (t + 1) % sc.retrain.every == 0:
-            t0 = time.perf_counter()
-            r = sc.retrain
-            full = (not r.warm_start) or (r.full_every > 0 and (t + 1) % r.full_every == 0)
-            self.policy.fit(self.training_data(), w, step=t + 1, rng=component_rng(self.seed, "fit", t + 1),
-                            warm_start=not full)
-            self.timings["retrain"].append(time.perf_counter() - t0)
-        self.t += 1
-        self.timings["cycle"].append(time.perf_counter() - tc)
-        self.last_rows = rows  # Mesa's wrapped step() discards return values
-        return rows
-
-    def _organic(self, t: int, active: np.ndarray) -> None:
-        """Organic consumption outside recommendations: a uniformly drawn unconsumed item."""
-        w = self.world
-        key = derive_key(self.seed, "organic", t)
-        pick = hash_uniform(key, active, 0) < self.scenario.users.organic_rate
-        users = active[pick]
-        if len(users) == 0:
-            return
-        items = (hash_u64(key, users, 1) % np.uint64(w.items.n)).astype(np.int64)
-        if not self.scenario.users.repeat_consumption:
-            keep = self._new_pairs(users, items)
-            users, items = users[keep], items[keep]
-        self._record(t, users, items, PROVENANCE["organic"])
-
-    # -- checkpoints ------------------------------------------------------------------------------
     def state(self) -> dict:
         """Everything a resume needs, as plain values and arrays (see :mod:`recloop.sim.checkpoint`).
         The arrays are the live ones: write or copy the state before the next step."""
+        users = self.users_agent
+        creators = self.creators_agent.creators if self.creators_agent is not None else None
         return {
             "t": int(self.t),
             "world": self.world.state_dict(),
@@ -264,45 +290,53 @@ class FeedbackLoop(mesa.Model):
             "log": self.log.state_dict(),
             "popularity": self.popularity,
             "policy": self.policy.state_dict(),
-            "dynamics": [d.state_dict() for d in self.dynamics],
-            "population": self.population.state_dict(),
-            "creators": self.creators.state_dict() if self.creators else None,
+            "dynamics": [d.state_dict() for d in users.dynamics],
+            "population": users.population.state_dict(),
+            "creators": creators.state_dict() if creators is not None else None,
             "metrics": self.metrics.state_dict(),
             "timings": {k: np.asarray(v, np.float64) for k, v in self.timings.items()},
-            "llm": svc.state_dict() if (svc := self.llm_service) is not None else None,
+            "services": {name: svc.state_dict() for name, svc in sorted(self.context.services.items())},
         }
-
-    @property
-    def llm_service(self):
-        """The run's LLM service, if an LLM stage created one (see recloop.llm.service)."""
-        return self.policy_context.extra.get("llm_service")
 
     def load_state(self, state: dict) -> None:
         """Restore :meth:`state` into this freshly built model. It may be left half-restored when this
         raises (a checkpoint that does not fit this run): build a new model before trying another one."""
         fresh = self.world
         self.t = int(state["t"])
-        self.world = World.from_state_dict(state["world"])
+        self.world = World.from_state_dict(state["world"])  # the views follow: they read the loop's world
         self.history = History.from_state_dict(state["history"])
         self.log = InteractionLog.from_state_dict(state["log"])
         self.popularity = np.array(state["popularity"], copy=True)
         check_restored(self, fresh)
-        self.policy_context.extra["world"] = self.world  # components built before the restore follow it
         self.policy.load_state_dict(state["policy"])
-        if len(state["dynamics"]) != len(self.dynamics):
-            raise CheckpointError(f"it holds {len(state['dynamics'])} user dynamics, this run has {len(self.dynamics)}")
-        for d, s in zip(self.dynamics, state["dynamics"]):
+        users = self.users_agent
+        if len(state["dynamics"]) != len(users.dynamics):
+            raise CheckpointError(f"it holds {len(state['dynamics'])} user dynamics, this run has "
+                                  f"{len(users.dynamics)}")
+        for d, s in zip(users.dynamics, state["dynamics"]):
             d.load_state_dict(s)
-        self.population.load_state_dict(state["population"])
-        if self.creators is not None:
-            self.creators.load_state_dict(state["creators"])
-        self.metrics.load_state_dict(state["metrics"], self.world)
+        users.population.load_state_dict(state["population"])
+        if self.creators_agent is not None:
+            self.creators_agent.creators.load_state_dict(state["creators"])
+        self.metrics.load_state_dict(state["metrics"])
         self.timings = defaultdict(list, {k: np.asarray(v).tolist() for k, v in state.get("timings", {}).items()})
-        if self.llm_service is not None:
-            self.llm_service.bind_world(self.world)
-            if state.get("llm") is not None:
-                self.llm_service.load_state_dict(state["llm"])
+        saved = state.get("services") or {}
+        for name, svc in self.context.services.items():
+            restored = getattr(svc, "on_restore", None)
+            if callable(restored):
+                restored()  # e.g. the LLM service re-reads the restored catalog
+            if saved.get(name) is not None:
+                svc.load_state_dict(saved[name])
+        self._last_reports = []
         self.steps = self.t
+
+
+def _check_k(sc, world, scenario_file) -> None:
+    n_items = world.items.n
+    if sc.k > n_items:
+        raise RecloopInputError(
+            f"k={sc.k} is larger than the catalog ({n_items} items). Set 'k' to at most {n_items} or "
+            "enlarge the world's n_items.", file=scenario_file, key="k")
 
 
 def check_restored(model: FeedbackLoop, fresh: World) -> None:

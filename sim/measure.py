@@ -1,0 +1,56 @@
+"""The measure phase: the run's metric components, the fixed samples they share, and the rows they
+return for each :class:`~recloop.contracts.CycleRecord`.
+
+Metric components are built by name from the registry (``metrics.include``: ids or ``{type: id,
+...params}`` blocks), bound with the analyst's context (ground truth granted), and never see the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from recloop import registry
+from recloop.contracts import BuildContext, CycleRecord
+from recloop.rng import component_rng
+from recloop.sim.pool import blas_single_thread
+
+Row = tuple[str, str, float]
+
+
+def metric_entries(config) -> list[dict]:
+    """The metric blocks a ``metrics:`` config selects: ``include`` (ids or blocks; default every
+    component marked ``default``) minus ``exclude`` (ids)."""
+    include = config.include if config.include is not None else [
+        s.name for s in registry.specs("metric") if getattr(s.cls, "default", True)]
+    entries = [dict(e) if isinstance(e, dict) else {"type": e} for e in include]
+    drop = set(config.exclude)
+    return [e for e in entries if e["type"] not in drop]
+
+
+class MetricSuite:
+    """The metric components of a run, with the fixed user sample they share."""
+
+    def __init__(self, config, context: BuildContext):
+        self.config = config
+        self.components = [registry.build("metric", e, context) for e in metric_entries(config)]
+        n = context.view.truth.users.n
+        rng = component_rng(context.seed, "metric.users")
+        self.sample = np.sort(rng.choice(n, size=min(n, config.user_sample), replace=False)).astype(np.int64)
+
+    def user_sample(self, active: np.ndarray) -> np.ndarray:
+        """The fixed user sample, restricted to users active this cycle (``active`` is sorted)."""
+        return self.sample[np.isin(self.sample, active, assume_unique=True)]
+
+    def measure(self, record: CycleRecord) -> list[Row]:
+        rows: list[Row] = []
+        with blas_single_thread():  # metric products are small: one BLAS thread is faster
+            for c in self.components:
+                rows.extend((m, g, float(v)) for m, g, v in c.compute(record))
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"components": [c.state_dict() for c in self.components]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for c, s in zip(self.components, state["components"]):
+            c.load_state_dict(s)
