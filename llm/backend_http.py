@@ -69,8 +69,8 @@ class OpenAIBackend(LLMBackend):
         retry_on_timeout: bool = False
         """Timeouts are final by default (a slow server would otherwise cost timeout × retries)."""
 
-    def __init__(self, params: OpenAIBackend.Params | None = None, **context: Any):
-        params = self._take_params(params, context)
+    def __init__(self, params: OpenAIBackend.Params | None = None, **fields: Any):
+        params = self._take_params(params, fields)
         import httpx
 
         root = params.base_url.rstrip("/")

@@ -103,8 +103,8 @@ class TransformersBackend(LLMBackend):
         num_threads: int | None = Field(None, ge=1, le=MAX_THREADS)
         """torch CPU threads (None leaves torch's setting alone)."""
 
-    def __init__(self, params: TransformersBackend.Params | None = None, **context: Any):
-        params = self._take_params(params, context)
+    def __init__(self, params: TransformersBackend.Params | None = None, **fields: Any):
+        params = self._take_params(params, fields)
         self._model_dir, self._gguf_file = self._resolve(params)
         self._model: Any = None
         self._tok: Any = None

@@ -131,23 +131,20 @@ class SurrogateLLM(LLMBackend):
         titles: Sequence[str] | None = None,
         pool_size: int = 512,
         threshold: float = 0.7,
-        **context: Any,
+        **fields: Any,
     ) -> None:
-        own = {k: context.pop(k) for k in list(context) if k in SurrogateParams.model_fields}
-        if params is None:
-            params = SurrogateParams(**own)
-        elif not isinstance(params, SurrogateParams):
-            params = SurrogateParams(**{**dict(params), **own})
-        elif own:
-            params = params.model_copy(update=own)
-        self.params = params
-        self.context = context
+        self._take_params(params, fields)
         self.titles = list(titles) if titles is not None else None
         self.pool_size = int(pool_size)
         self.threshold = float(threshold)
         self._pools: OrderedDict[tuple[Any, ...], _CatalogPool] = OrderedDict()
         self._callable_catalogs: dict[int, tuple[Any, list[str]]] = {}
         self._last: tuple[Any, ...] | None = None  # (titles object, len, title_of, params, pool)
+
+    def on_bind(self, context) -> None:
+        """Bound without a catalog: take the titles of the run's catalog as it is now."""
+        if self.titles is None and context.view is not None:
+            self.titles = list(context.view.items.titles)
 
     @property
     def model_id(self) -> str:

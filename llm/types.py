@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from recloop.component import Component
+
 
 @dataclass
 class LLMRequest:
@@ -99,7 +101,7 @@ def as_requests(items: Sequence[LLMRequest | str]) -> list[LLMRequest]:
     return [it if isinstance(it, LLMRequest) else LLMRequest(prompt=str(it)) for it in items]
 
 
-class LLMBackend(abc.ABC):
+class LLMBackend(Component, abc.ABC):
     """A batched text generator with log-likelihood scoring.
 
     Subclasses set ``name`` and ``model_id`` (both enter cache keys) and implement
@@ -123,17 +125,28 @@ class LLMBackend(abc.ABC):
     def loglik(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
         """Sum log-probability (nats) of each continuation given its prompt (raw text, no template)."""
 
-    def _take_params(self, params, context: dict[str, Any]):
+    def _take_params(self, params, fields: dict[str, Any]):
         """Accept ``Backend(Backend.Params(...))`` or ``Backend(field=value, ...)`` (or both: keywords win);
-        sets ``self.params`` and ``self.context`` (the remaining keywords)."""
-        own = {k: context.pop(k) for k in list(context) if k in self.Params.model_fields}
+        an unknown keyword is a TypeError naming the parameters. Sets ``self.params``."""
+        unknown = sorted(set(fields) - set(self.Params.model_fields))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown parameters {unknown}; its parameters are "
+                            f"{', '.join(self.Params.model_fields)}")
         if params is None:
-            params = self.Params(**own)
-        elif own:
-            params = params.model_copy(update=own)
-        self.params = params
-        self.context = context
+            params = self.Params(**fields)
+        elif not isinstance(params, self.Params):
+            params = self.Params(**{**dict(params), **fields})
+        elif fields:
+            params = params.model_copy(update=fields)
+        Component.__init__(self, params)
         return params
+
+    def state_dict(self) -> dict[str, Any]:
+        """Run state to checkpoint: none by default (weights and connections are not run state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless by default
+        """Restore :meth:`state_dict`."""
 
     def cost_usd(self, response: LLMResponse) -> float:
         """The price of one response (0 for local models)."""

@@ -76,6 +76,15 @@ class Component:
         """A stage's account of its last round, for the metrics (default: none)."""
         return None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (worker processes) keeps params and state but not the run: the copy is unbound
+        (its context keeps only the seed and name)."""
+        state = self.__dict__.copy()
+        ctx = state.get("context")
+        if isinstance(ctx, BuildContext):
+            state["context"] = BuildContext(seed=ctx.seed, name=ctx.name)
+        return state
+
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume (default: the instance's attributes minus params and context)."""

@@ -28,7 +28,6 @@ KINDS = (
     "creator",
     "metric",
     "llm_backend",
-    "llm_role",
 )
 
 

@@ -131,6 +131,13 @@ class WorldGenerator(Component):
     def build(self, rng: np.random.Generator) -> World:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """Nothing: a generator is rebuilt from its Params, and the world it built is checkpointed."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore (see :meth:`state_dict`)."""
+
     def initial_log(self, world: World, rng: np.random.Generator) -> TrainingData | None:
         """The real organic log for data-set worlds; None lets the simulator draw one."""
         return None

