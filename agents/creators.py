@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from recloop.limits import MAX_ITEMS
 from recloop.component import Component
+from recloop.limits import MAX_ITEMS
 from recloop.registry import Params, register
 from recloop.rng import component_rng
 

@@ -112,6 +112,11 @@ class FeedbackLoop(mesa.Model):
     def policy(self):
         return self.platform.policy
 
+    @property
+    def services(self):
+        """The run's shared services by name (e.g. ``"llm"``), read-only."""
+        return MappingProxyType(self.context.services)
+
     def _initial_log(self) -> None:
         w = self.world
         real = self.generator.initial_log(w, component_rng(self.seed, "initial_log"))

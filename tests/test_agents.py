@@ -98,11 +98,12 @@ def test_trecs_creator_update_sanity():
 
 def test_creators_publish_items_with_titles():
     from recloop import registry
+    from recloop.contracts import BuildContext
     from recloop.rng import component_rng
 
     gen = registry.build("world", {"type": "chaney", "n_users": 30, "n_items": 40, "dim": 5, "n_creators": 4})
     w = gen.build(component_rng(0, "world"))
-    c = registry.build("creator", {"type": "trecs", "creation_prob": 1.0}, seed=0, generator=gen)
+    c = registry.build("creator", {"type": "trecs", "creation_prob": 1.0}, BuildContext(seed=0, generator=gen))
     n0 = w.items.n
     new = c.step(w, 0, np.arange(30), np.arange(30) % n0)
     assert len(new) == 4 and w.items.n == n0 + 4 and len(w.items.titles) == w.items.n

@@ -83,12 +83,13 @@ def test_check_component_reports_what_it_checked():
     report = check_component("policy", "popularity")
     assert isinstance(report, ConformanceReport) and len(report) >= 6
     for check in ("inputs left unmodified (world, training log)", "seeded determinism", "consumed items excluded",
-                  "online update and checkpoint round-trip"):
+                  "online update and checkpoint round-trip keep the recommendations",
+                  "hidden state unread (preferences and true utility stay hidden)"):
         assert check in report.passed
     text = str(report)
     assert text.splitlines()[0] == f"policy 'popularity': {len(report)} conformance checks passed"
     assert "  ✓ seeded determinism" in text.splitlines()
-    assert str(check_component("metric", "utility")).count("✓") == 3
+    assert str(check_component("metric", "utility")).count("✓") == 5
 
 
 def test_kit_catches_a_policy_that_reads_hidden_preferences():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from recloop.agents.replay import ReplayChoice, window_counts, window_edges
+from recloop.contracts import BuildContext
 from recloop.errors import RecloopInputError
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
@@ -54,7 +55,7 @@ class _FakeGenerator:
 
 def test_choose_many_accepts_top_slots_up_to_real_activity():
     gen = _FakeGenerator([0, 0, 0, 1, 2, 2], [1, 2, 3, 1, 9, 10])
-    ch = ReplayChoice(ReplayChoice.Params(windows=2, split="time"), generator=gen)
+    ch = ReplayChoice(ReplayChoice.Params(windows=2, split="time")).bind(BuildContext(seed=0, generator=gen))
     assert ch.counts.tolist() == [[3, 0], [1, 0], [0, 2], [0, 0]]
     users = np.array([0, 1, 2, 3])
     valid = np.ones((4, 5), bool)
@@ -72,14 +73,11 @@ def test_choose_many_accepts_top_slots_up_to_real_activity():
     assert not ch.choose_many(np.zeros((4, 5)), np.ones((4, 5), bool), users, np.uint64(1), step=2).any()
     assert ch.quota(np.array([99]), 0).tolist() == [0]
     # a quota larger than the slate accepts the whole slate
-    big = ReplayChoice(
-        ReplayChoice.Params(windows=1, split="time"), generator=_FakeGenerator([0] * 9, range(9))
-    )
+    big = ReplayChoice(ReplayChoice.Params(windows=1, split="time")).bind(
+        BuildContext(seed=0, generator=_FakeGenerator([0] * 9, range(9))))
     assert big.choose_many(np.zeros((1, 4)), np.ones((1, 4), bool), np.array([0]), np.uint64(0), step=0).all()
-    capped = ReplayChoice(
-        ReplayChoice.Params(windows=1, split="time", max_per_cycle=2),
-        generator=_FakeGenerator([0] * 9, range(9)),
-    )
+    capped = ReplayChoice(ReplayChoice.Params(windows=1, split="time", max_per_cycle=2)).bind(
+        BuildContext(seed=0, generator=_FakeGenerator([0] * 9, range(9))))
     assert (
         capped.choose_many(np.zeros((1, 4)), np.ones((1, 4), bool), np.array([0]), np.uint64(0), step=0).sum()
         == 2
@@ -91,7 +89,7 @@ def test_replay_needs_a_data_set_world():
 
     gen = registry.build("world", {"type": "chaney", "n_users": 10, "n_items": 10})
     with pytest.raises(RecloopInputError, match="real interaction log"):
-        ReplayChoice(ReplayChoice.Params(), generator=gen)
+        ReplayChoice(ReplayChoice.Params()).bind(BuildContext(seed=0, generator=gen))
 
 
 @needs_ml
@@ -99,7 +97,7 @@ def test_replay_on_movielens_counts_the_held_out_timeline():
     from recloop.sim.worlds import MovieLensWorld
 
     gen = MovieLensWorld(MovieLensWorld.Params(initial_fraction=0.5))
-    ch = ReplayChoice(ReplayChoice.Params(windows=10), generator=gen)
+    ch = ReplayChoice(ReplayChoice.Params(windows=10)).bind(BuildContext(seed=0, generator=gen))
     users, _, ts = gen.timeline("held_out")
     assert ch.counts.shape == (943, 10)
     assert ch.counts.sum() == len(users)
@@ -118,7 +116,8 @@ def test_replay_on_movielens_counts_the_held_out_timeline():
     # full ratings timeline: all 100,000 ratings of ML-100K
     assert len(gen.timeline("ratings")[0]) == 100_000
     with pytest.raises(RecloopInputError, match="initial_fraction"):
-        ReplayChoice(ReplayChoice.Params(), generator=MovieLensWorld(MovieLensWorld.Params()))
+        full = MovieLensWorld(MovieLensWorld.Params())
+        ReplayChoice(ReplayChoice.Params()).bind(BuildContext(seed=0, generator=full))
 
 
 @needs_ml
@@ -140,7 +139,7 @@ def test_replay_loop_logs_exactly_the_real_activity(write_yaml):
     """)
     sc = load_scenario(path)
     model = FeedbackLoop(sc, "popularity", sc.policy, sc.seed)
-    quota = model.choice.counts
+    quota = model.users_agent.choice.counts
     before = model.log.counts[PROVENANCE["recommended"]]
     for t in range(3):
         model.step()

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from recloop.analysis import user_metrics as UM
+from recloop.rng import derive_key, hash_uniform
 from recloop.sim import kernels
 from recloop.sim.backends import (
     TILE_ROWS,
@@ -18,7 +19,6 @@ from recloop.sim.backends import (
     resolve_backend_name,
 )
 from recloop.sim.engine import ScoringEngine
-from recloop.rng import derive_key, hash_uniform
 from recloop.sim.state import History
 
 CPU_BACKENDS = [b for b in ("numpy", "numba", "torch") if b in available_backends()]

@@ -7,11 +7,12 @@ Fast tests use the surrogate LLM and the real all-MiniLM-L6-v2 embedder (skipped
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from recloop.recommenders.base import PolicyContext
+from recloop.contracts import BuildContext, PlatformView
 from recloop.llm.embedding import EmbeddingCache, HashingEmbedder, get_embedder
 from recloop.llm.profile_metrics import DemographicBias
 from recloop.llm.profile_text import DemographicProbe, build_personas
@@ -131,7 +132,7 @@ def test_profiler_refreshes_profiles_and_reports_profhall(write_yaml, tmp_path):
     assert ("llm_profile_stability", "role=profiler,phase=feedback_loop") in names
     ph = [v for m_, g, v in rows if m_ == "llm_prof_hall"]
     assert len(ph) == 3 and all(0.0 <= v <= 1.0 for v in ph)
-    acc = m.llm_service.accounting
+    acc = m.services["llm"].accounting
     assert acc["roles"]["profiler"]["requests"] == first["stats"]["profiles"] + 15 + 15
     assert prof.has_profile.sum() == first["stats"]["profiles"]
 
@@ -164,7 +165,7 @@ def test_profile_only_and_checkpoint_roundtrip(write_yaml, tmp_path):
     assert prof.base is None
     s1 = prof.score(np.arange(5), m.world, step=1)
     state = prof.state_dict()
-    fresh = LLMProfiler(prof.params, context=prof.context)
+    fresh = LLMProfiler(prof.params).bind(prof.context)
     fresh.load_state_dict(state)
     assert np.allclose(fresh.score(np.arange(5), m.world, step=1), s1, atol=1e-5)
     assert fresh.last_refresh == prof.last_refresh == 0
@@ -172,8 +173,8 @@ def test_profile_only_and_checkpoint_roundtrip(write_yaml, tmp_path):
 
 def test_malformed_answers_keep_the_previous_profile(tmp_path):
     from recloop import registry
-    from recloop.recommenders.base import TrainingData
     from recloop.llm.types import LLMResponse
+    from recloop.recommenders.base import TrainingData
     from recloop.rng import component_rng
 
     gen = registry.build("world", {"type": "chaney", "n_users": 30, "n_items": 40, "dim": 6, "n_creators": 0})
@@ -201,14 +202,13 @@ def test_malformed_answers_keep_the_previous_profile(tmp_path):
         def close(self):
             pass
 
-    ctx = PolicyContext(seed=0, extra={"world": world})
-    ctx.extra["llm_service"] = LLMService({}, seed=0, world=world, backend=Flaky())
+    ctx = BuildContext(seed=0, view=PlatformView(SimpleNamespace(world=world, t=0)))
+    ctx.services["llm"] = LLMService({}, seed=0, world=world, backend=Flaky())
     prof = LLMProfiler(
         LLMProfiler.Params(
             base=None, embedder="hashing", users_per_refresh=10, embed_cache_dir=str(tmp_path)
-        ),
-        context=ctx,
-    )
+        )
+    ).bind(ctx)
     rng = np.random.default_rng(0)
     data = TrainingData(
         users=np.repeat(np.arange(30), 3),
@@ -222,7 +222,7 @@ def test_malformed_answers_keep_the_previous_profile(tmp_path):
     rep = prof.refresh(world, 0)
     assert rep["stats"]["malformed_rate"] == pytest.approx(0.5)
     assert prof.has_profile.sum() == 5
-    svc = ctx.extra["llm_service"]
+    svc = ctx.services["llm"]
     assert svc.accounting["malformed"]["empty"] == 5 and svc.accounting["roles"]["profiler"]["fallbacks"] == 5
     # the parsed claims of the good answers: likes Drama, likes Comedy
     assert all(("likes", "Drama") in u["claims"] and ("likes", "Comedy") in u["claims"] for u in rep["users"])
@@ -264,10 +264,7 @@ def test_demographic_probe_jsd_zero_without_tilt_positive_with(tmp_path):
     fm.history.add(init.users, init.items)
     fm.popularity = init.popularity()
 
-    class Metrics:
-        _sample = np.arange(w.users.n)
-
-    fm.metrics = Metrics()
+    fm.fixed_sample = np.arange(w.users.n)
     svc = LLMService({"backend": {"type": "surrogate", "h": 0.1}}, seed=0, world=w)
     personas = build_personas(w, DemographicProbe())
     metric = DemographicBias()
@@ -298,7 +295,7 @@ def test_profiler_with_the_real_model(write_yaml, tmp_path):
     m.step()
     rep = m.policy.reports[-1]
     assert rep["stats"]["profiles"] + rep["stats"]["malformed_rate"] * 2 == pytest.approx(2)
-    acc = m.llm_service.accounting
+    acc = m.services["llm"].accounting
     assert acc["calls"] == 2 and acc["completion_tokens"] > 0
     if rep["users"]:
         assert m.policy.has_profile[rep["users"][0]["user"]]

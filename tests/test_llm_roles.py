@@ -365,10 +365,10 @@ def test_llm_roles_listed_in_registry():
     assert "llm_rank" in registry.names("reranker")
     for n in ("llm_generation", "llm_recommendation", "llm_feedback"):
         assert n in registry.names("metric")
-    # get_service memoises one service per context
-    from recloop.recommenders.base import PolicyContext
+    # get_service memoises one service per run: a shared service of the build context
+    from recloop.contracts import BuildContext
 
-    ctx = PolicyContext(seed=1, extra={"scenario": None, "run_dir": None, "world": None})
-    assert get_service(ctx) is get_service(ctx)
+    ctx = BuildContext(seed=1)
+    assert get_service(ctx) is get_service(ctx) is ctx.services["llm"] is get_service(ctx.child("other"))
 
 

@@ -15,11 +15,11 @@ import polars as pl
 import pytest
 from llm_helpers import R1, R3, ScriptedBackend, metrics, scenario  # noqa: E402
 
-from recloop.sim.llm_accounting import sum_accounting
 from recloop.llm.config import LLMConfig
 from recloop.llm.service import LLMService
 from recloop.llm.types import LLMRequest, LLMResponse
 from recloop.sim.checkpoint import roundtrip
+from recloop.sim.llm_accounting import sum_accounting
 from recloop.sim.runner import run_scenario
 
 # ---------------------------------------------------------------------------------------------
@@ -69,13 +69,13 @@ def test_accounting_survives_resume(tmp_path):
     model = FeedbackLoop(sc, "r1", sc.policies["r1"], 5, run_dir=str(tmp_path))
     model.step()
     state = roundtrip(model.state())  # as a checkpoint on disk (npz + JSON skeleton)
-    before = model.llm_service.accounting
+    before = model.services["llm"].accounting
     resumed = FeedbackLoop(sc, "r1", sc.policies["r1"], 5, restore=state, run_dir=str(tmp_path))
-    assert resumed.llm_service.accounting == before
+    assert resumed.services["llm"].accounting == before
     resumed.step()
     model.step()
-    assert resumed.llm_service.accounting["calls"] == model.llm_service.accounting["calls"] == 50
-    assert resumed.llm_service.accounting["budget_exhausted"]
+    assert resumed.services["llm"].accounting["calls"] == model.services["llm"].accounting["calls"] == 50
+    assert resumed.services["llm"].accounting["budget_exhausted"]
     assert resumed.last_rows == model.last_rows
 
 

@@ -380,8 +380,10 @@ def test_interface_and_registry() -> None:
     with pytest.raises(NotImplementedError):
         s.loglik(["a"], ["b"])
     registry = pytest.importorskip("recloop.registry")
-    b = registry.build("llm_backend", {"type": "surrogate", "h": 0.05}, titles=["A", "B"])
-    assert isinstance(b, SurrogateLLM) and b.params.h == 0.05
+    b = registry.build("llm_backend", {"type": "surrogate", "h": 0.05})
+    assert isinstance(b, SurrogateLLM) and b.params.h == 0.05 and b.titles is None
+    with pytest.raises(TypeError, match="unknown parameters"):  # nothing is swallowed
+        SurrogateLLM(h=0.1, no_such_param=1)
 
 
 def test_cost_is_small(catalog: dict) -> None:

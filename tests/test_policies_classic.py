@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 from pydantic import ValidationError
 
-from recloop.recommenders.base import PolicyContext, TrainingData
+from recloop.recommenders.base import TrainingData
 from recloop.recommenders.knn import ItemKNN, topk_item_similarity
 from recloop.recommenders.mf import ALS, BPR, RelMF, als_half_step, relmf_propensity
 from recloop.registry import _REGISTRY
@@ -63,7 +63,7 @@ def test_iknn_sanity_cosine():
     world = make_world(2, 3)
     data = TrainingData(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 2]), np.zeros(4, np.int32),
                         np.zeros(4, np.int8), 2, 3)
-    knn = fit(ItemKNN(context=PolicyContext(seed=0)), data, world)
+    knn = fit(ItemKNN(), data, world)
     s = knn.score(np.array([0]), world)
     assert s.dtype == np.float32 and s.shape == (1, 3)
     np.testing.assert_allclose(s[0], [0.707107, 0.707107, 0.707107], atol=1e-6)
@@ -176,7 +176,7 @@ def test_mf_registered_and_params(name):
     assert spec.cls is CLASSES[name]
     with pytest.raises(ValidationError):
         spec.params.model_validate({"factors": 4, "no_such_key": 1})
-    pol = spec.cls(spec.params.model_validate(SMALL[name]), context=PolicyContext(seed=0))
+    pol = spec.cls(spec.params.model_validate(SMALL[name]))
     assert pol.params.factors == 8
 
 

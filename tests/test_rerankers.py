@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from recloop.recommenders.base import PolicyContext, TrainingData
+from recloop.contracts import PlatformView
+from recloop.recommenders.base import TrainingData
 from recloop.recommenders.rerankers import (
     MMR,
     Calibrated,
@@ -57,14 +60,14 @@ def test_registered_shapes_validity_determinism(name):
     assert spec.cls is ALL[name] and issubclass(spec.cls, Reranker)
     with pytest.raises(ValidationError):
         spec.params.model_validate({"no_such_key": 1})
-    rr = spec.cls(spec.params(), seed=0)
+    rr = spec.cls(spec.params())
     world, cand, scores, hist = random_case()
     c0, s0 = cand.copy(), scores.copy()
     out = rr.rerank(np.arange(7), cand, scores, 5, world, step=0, history=hist)
     np.testing.assert_array_equal(cand, c0)  # inputs untouched
     np.testing.assert_array_equal(scores, s0)
     assert out.shape == (7, 5) and out.dtype == np.int64
-    again = spec.cls(spec.params(), seed=0).rerank(np.arange(7), cand, scores, 5, world, step=0, history=hist)
+    again = spec.cls(spec.params()).rerank(np.arange(7), cand, scores, 5, world, step=0, history=hist)
     np.testing.assert_array_equal(out, again)
     for u in range(7):
         valid = set(cand[u][(cand[u] >= 0) & np.isfinite(scores[u])].tolist())
@@ -259,9 +262,10 @@ def test_popularity_penalty_sources_and_effect():
     phi = np.array([100.0, 0.0, 0.0, 0.0])
     # no popularity known → no penalty
     np.testing.assert_array_equal(PopularityPenalty().rerank(np.array([0]), cand, scores, 2, world), [[0, 1]])
-    # from the build context
-    rr = PopularityPenalty(PopularityPenalty.Params(weight=0.5), popularity=phi)
-    np.testing.assert_array_equal(rr.rerank(np.array([0]), cand, scores, 2, world), [[1, 2]])
+    # from the platform view
+    view = PlatformView(SimpleNamespace(world=world, popularity=phi, t=0))
+    rr = PopularityPenalty(PopularityPenalty.Params(weight=0.5))
+    np.testing.assert_array_equal(rr.rerank(np.array([0]), cand, scores, 2, view), [[1, 2]])
     # from the training log via fit (wins over the context), and checkpointed
     z = np.zeros(3, np.int32)
     data = TrainingData(np.array([0, 1, 0]), np.array([2, 2, 1]), z, z.astype(np.int8), 2, 4)
@@ -271,10 +275,6 @@ def test_popularity_penalty_sources_and_effect():
     other = PopularityPenalty(PopularityPenalty.Params(weight=0.5))
     other.load_state_dict(rr.state_dict())
     np.testing.assert_array_equal(other.popularity, rr.popularity)
-    # from PolicyContext.extra, as registry.build(..., context=ctx) passes it
-    ctx = PolicyContext(seed=0, extra={"popularity": phi})
-    rr2 = PopularityPenalty(PopularityPenalty.Params(weight=0.5), context=ctx)
-    np.testing.assert_array_equal(rr2.rerank(np.array([0]), cand, scores, 2, world), [[1, 2]])
     # from the history object
     hist = History(2)
     hist.add(np.array([0, 1]), np.array([0, 0]))
@@ -282,5 +282,5 @@ def test_popularity_penalty_sources_and_effect():
     out = rr.rerank(np.array([0]), cand, scores, 2, world, history=hist)
     np.testing.assert_array_equal(out, [[1, 2]])
     # the raw variant
-    rr = PopularityPenalty(PopularityPenalty.Params(weight=0.1, normalize=False), popularity=phi)
-    np.testing.assert_array_equal(rr.rerank(np.array([0]), cand, scores, 2, world), [[1, 2]])
+    rr = PopularityPenalty(PopularityPenalty.Params(weight=0.1, normalize=False))
+    np.testing.assert_array_equal(rr.rerank(np.array([0]), cand, scores, 2, view), [[1, 2]])
