@@ -12,6 +12,7 @@ from pydantic import Field
 
 from recloop.component import Component
 from recloop.registry import Params, register
+from recloop.sim.kernels import slerp_rows
 
 
 class Dynamics(Component):
@@ -73,7 +74,6 @@ class Drift(Dynamics):
         hit = chosen >= 0
         if not hit.any() or self.params.rate == 0:
             return
-        from recloop.sim.kernels import slerp_rows
 
         # in place, without (n, d) temporaries; same maths as :func:`slerp` (tested against it)
         slerp_rows(world.users.prefs, np.ascontiguousarray(users[hit], dtype=np.int64), world.items.attrs,

@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from recloop.errors import did_you_mean
+from recloop.sim.store import RunStore
 
 DEFAULT_METRICS = (
     "utility", "ctr", "gini_exposure", "coverage_cum", "arp", "aplt", "homogenization", "rec_similarity",
@@ -188,7 +189,6 @@ def plot_metrics(df: pl.DataFrame, out: str | Path, metrics: list[str] | None = 
 
 def read_run(run_dir: str | Path) -> tuple[pl.DataFrame, str]:
     """A run directory's metrics and its scenario name ('' without a manifest)."""
-    from recloop.sim.store import RunStore
 
     store = RunStore(run_dir)
     df = store.read_metrics()

@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from recloop.analysis import llm_metrics as L
+from recloop.analysis.metrics import short_head_mask
+
 __all__ = ["generation_stats"]
 
 
@@ -17,8 +20,6 @@ def generation_stats(
     """The statistics of a round from its collected answers (``LLMAugmented._collect``), the items'
     popularity before the round, the phantom flags, and the counts of users, augmented pairs and
     new phantom items."""
-    from recloop.analysis import llm_metrics as L
-    from recloop.analysis.metrics import short_head_mask
 
     hall_matches, matched_items = col["hall_matches"], col["matched_items"]
     out_pops, ref_pops = col["out_pops"], col["ref_pops"]

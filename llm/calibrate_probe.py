@@ -11,9 +11,16 @@ from typing import Any
 
 import numpy as np
 
+from recloop.analysis import llm_metrics as L
+from recloop.analysis.metrics import short_head_mask
+
 from .matching import TitleMatcher
 from .parsing import parse_ranking, parse_title_list
 from .profile_claims import parse_profile_claims
+from .profile_text import GENRE_ALIASES, _describe_user, _gender_key, _item_genre_names, _side_info, demographic_groups
+from .role_augment import LLMAugmented
+from .role_profile import LLMProfiler
+from .role_rank import LLMRank
 from .types import GenerationParams, LLMRequest
 
 __all__ = ["Probe", "ProbeSet", "build_probes", "run_probes", "measure", "cluster_se"]
@@ -61,7 +68,6 @@ def stratified_users(world, hist_ptr: np.ndarray, n: int, rng: np.random.Generat
     strata = act.astype(np.int64)
     gender = (world.users.attributes or {}).get("gender")
     if gender is not None:
-        from .profile_text import _gender_key
 
         g = np.array(
             [{"female": 0, "male": 1}.get(_gender_key(v) or "", 2) for v in np.asarray(gender)[eligible]]
@@ -116,10 +122,6 @@ def build_probes(
     probability ``heldout``. Every probe draws from its own generator (seed, k), so the probe set is
     prefix-stable: growing ``--probes`` keeps the earlier prompts, and their cached answers.
     """
-    from .profile_text import _describe_user, _item_genre_names, _side_info, demographic_groups
-    from .role_augment import LLMAugmented
-    from .role_profile import LLMProfiler
-    from .role_rank import LLMRank
 
     n_users, n_items = world.users.n, world.items.n
     u_all = np.asarray(initial.users, np.int64)
@@ -129,7 +131,6 @@ def build_probes(
     ptr = np.zeros(n_users + 1, np.int64)
     np.cumsum(np.bincount(u_all, minlength=n_users), out=ptr[1:])
     pop = np.bincount(np.unique(u_all * n_items + i_all) % n_items, minlength=n_items).astype(np.float64)
-    from recloop.analysis.metrics import short_head_mask
 
     head = short_head_mask(pop)
     genres = world.items.genres[:n_items].astype(np.float64)
@@ -296,9 +297,7 @@ def measure(
     ps: ProbeSet, probes: Sequence[Probe], texts: Sequence[str | None], matcher: TitleMatcher | None = None
 ) -> dict[str, Any]:
     """L-HALL / L-POPBIAS / L-PROFHALL / position figures of answers ``texts`` to ``probes``."""
-    from recloop.analysis import llm_metrics as L
 
-    from .profile_text import GENRE_ALIASES
 
     world = ps.world
     matcher = matcher or TitleMatcher(list(world.items.titles[: world.items.n]))

@@ -19,7 +19,16 @@ from pathlib import Path
 
 import typer
 
+from recloop import registry
 from recloop.errors import RecloopInputError
+from recloop.rng import component_rng
+from recloop.sim.config import load_scenario
+
+from .backend_http import OpenAIBackend
+from .backend_local import TransformersBackend
+from .cache import CachedBackend
+from .calibrate import calibrate_backend, write_params
+from .calibrate_probe import build_probes
 
 llm_app = typer.Typer(
     add_completion=False,
@@ -35,11 +44,8 @@ def default_calibration_cache() -> Path:
 
 
 def _world(world: str, scenario: Path | None, seed: int):
-    from recloop import registry
-    from recloop.rng import component_rng
 
     if scenario is not None:
-        from recloop.sim.config import load_scenario
 
         cfg = load_scenario(scenario).world
     else:
@@ -66,7 +72,6 @@ def _backend(
     timeout_s: float,
 ):
     if backend == "transformers":
-        from .backend_local import TransformersBackend
 
         return TransformersBackend(model=model, batch_size=batch_size, num_threads=threads)
     if backend == "openai":
@@ -74,7 +79,6 @@ def _backend(
             raise RecloopInputError(
                 "--backend openai needs --base-url and --model (the served model's name).", key="--base-url"
             )
-        from .backend_http import OpenAIBackend
 
         return OpenAIBackend(base_url=base_url, model=model, timeout_s=timeout_s)
     raise RecloopInputError(f"unknown backend '{backend}'. Allowed: transformers, openai.", key="--backend")
@@ -120,9 +124,6 @@ def calibrate(
 ) -> None:
     """Fit the surrogate (h, eps_near, beta, rho, h_p) to a real model on a probe set; report the held-out
     check (HallRate within ±0.03, head share within ±0.05, KS on popularity percentiles)."""
-    from .cache import CachedBackend
-    from .calibrate import calibrate_backend, write_params
-    from .calibrate_probe import build_probes
 
     if beta_from not in ("lpd", "head_share", "both"):
         raise RecloopInputError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from recloop.analysis import llm_metrics as L
 from recloop.analysis import metrics as M
 from recloop.analysis.collectors import MetricComponent
 from recloop.registry import register
@@ -165,7 +166,6 @@ class LLMRecommendation(MetricComponent):
     }
 
     def compute(self, rec):
-        from recloop.analysis import llm_metrics as L
 
         rows = []
         pop = _pop(rec.popularity_before, rec.world.items.n)

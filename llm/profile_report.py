@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from recloop.analysis import llm_metrics as L
+
 __all__ = ["refresh_stats", "user_record"]
 
 
@@ -24,7 +26,6 @@ def user_record(
     tau_dis: float,
 ) -> dict[str, Any]:
     """One profiled user's entry of the report: the claims and their L-PROFHALL scores."""
-    from recloop.analysis import llm_metrics as L
 
     ph = L.profile_hallucination(
         claims,

@@ -42,7 +42,7 @@ from recloop.rng import component_rng, derive_key, hash_u64
 
 from .augment_candidates import candidate_pools, pool_relevance
 from .augment_stats import generation_stats
-from .matching import TitleMatcher
+from .matching import TitleMatcher, normalise_title
 from .parsing import parse_title_list_checked
 from .roles import _history_items, _pad, _titles_line, match_titles
 from .service import get_service
@@ -336,7 +336,6 @@ class LLMAugmented(Policy):
         # phantom items: one per distinct hallucinated title (a later match of it reuses the item)
         n_new = 0
         if new_phantoms:
-            from .matching import normalise_title
 
             rows_by_key: dict[str, list[int]] = {}
             title_by_key: dict[str, str] = {}

@@ -55,6 +55,7 @@ from recloop.recommenders.base import Policy, TrainingData
 from recloop.registry import Params, register
 from recloop.rng import component_rng, derive_key, hash_u64
 
+from .embedding import find_minilm, get_embedder
 from .profile_factors import popularity_scores, principal_directions, rank_shift, standardise_rows, standardised_factors
 from .profile_report import refresh_stats, user_record
 from .profile_text import (
@@ -198,7 +199,6 @@ class LLMProfiler(Policy):
     def preflight(self) -> None:
         """Check that the embedding model a run will load is installed, without loading it (``recloop validate``)."""
         if self.params.embedder == "minilm":
-            from .embedding import find_minilm
 
             find_minilm()
 
@@ -206,7 +206,6 @@ class LLMProfiler(Policy):
     @property
     def embedder(self):
         if self._embedder is None:
-            from .embedding import get_embedder
 
             p = self.params
             self._embedder = get_embedder(p.embedder, cache_dir=p.embed_cache_dir, batch_size=p.embed_batch)

@@ -44,6 +44,7 @@ from recloop.sim.llm_accounting import MALFORMED_REASONS, _new_role
 
 from .cache import Budget, CachedBackend
 from .config import LLMConfig, build_backend
+from .surrogate import SurrogateLLM
 from .types import GenerationParams, LLMBackend, LLMRequest, LLMResponse, as_requests
 
 __all__ = ["LLMService", "get_service", "has_service"]
@@ -142,7 +143,6 @@ class LLMService:
             return
         self.world = world
         self._catalog_fp = None
-        from .surrogate import SurrogateLLM
 
         if isinstance(self.inner, SurrogateLLM):
             self.inner.bind_catalog(world.items.titles)
@@ -174,7 +174,6 @@ class LLMService:
     @property
     def supports_loglik(self) -> bool:
         """Whether ``loglik`` is available (the surrogate has none: use a ``rank`` request instead)."""
-        from .surrogate import SurrogateLLM
 
         return not isinstance(self.inner, SurrogateLLM)
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from recloop.analysis.llm_metrics import position_bias_slope
+
 from .surrogate import SurrogateParams
 
 __all__ = [
@@ -56,7 +58,6 @@ def fit_rho(selected_positions: Any, n_candidates: int | Sequence[int] | np.ndar
     probability on log(1/pos) (F-SURR; same estimator as
     :func:`recloop.analysis.llm_metrics.position_bias_slope`).
     """
-    from recloop.analysis.llm_metrics import position_bias_slope
 
     return position_bias_slope(selected_positions, n_candidates)
 

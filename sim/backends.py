@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from recloop.sim import kernels
 from recloop.sim.pool import parallel_rows
 
 NEG_INF = np.float32(-np.inf)
@@ -204,7 +205,6 @@ class NumbaBackend(Backend):
 
     def __init__(self):
         super().__init__("numba")
-        from recloop.sim import kernels
 
         if not kernels.HAVE_NUMBA:
             raise ImportError("numba is not importable")
@@ -408,7 +408,6 @@ def _torch_cuda_usable() -> bool:
 
 
 def _numba_usable() -> bool:
-    from recloop.sim import kernels
 
     return kernels.HAVE_NUMBA
 

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from recloop.rng import hash_uniform
+from recloop.sim import kernels
 from recloop.sim.backends import (
     EMPTY_I64,
     NEG_INF,
@@ -295,8 +297,6 @@ class ScoringEngine:
 
         Identical on every backend and chunking; with Numba the scores are never materialised.
         """
-        from recloop.rng import hash_uniform
-        from recloop.sim import kernels
 
         users = np.asarray(users, np.int64)
         if not kernels.HAVE_NUMBA:

@@ -28,6 +28,7 @@ from recloop.sim.checkpoint import CheckpointError
 from recloop.sim.config import load_scenario, validate_mapping
 from recloop.sim.llm_accounting import empty_accounting, sum_accounting
 from recloop.sim.memory import release_freed_memory
+from recloop.sim.model import FeedbackLoop
 from recloop.sim.preflight import check_scenario
 from recloop.sim.store import DiskFullError, RunStore, atomic_write_text, check_keys, is_disk_full, run_key
 
@@ -68,7 +69,6 @@ def summarize_timings(timings: dict[str, list[float]]) -> dict[str, float]:
 def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = False, progress=None,
             scenario_file: str | None = None) -> dict[str, Any]:
     """Run (or continue) one policy under one seed; returns its manifest entry."""
-    from recloop.sim.model import FeedbackLoop
 
     store = RunStore(root)
     key = run_key(policy_name, seed)
@@ -139,7 +139,6 @@ def _restore(scenario, policy_name: str, seed: int, store: RunStore, ident: dict
     """The model at the newest checkpoint of this run that verifies (sha256, format, config hash, seed,
     policy) and loads; older ones are tried in turn. None when the run has no complete checkpoint (it
     starts from scratch); RecloopInputError when it has some and none of them is usable."""
-    from recloop.sim.model import FeedbackLoop
 
     problems: list[str] = []
     for ck in store.checkpoints(ident["key"]):

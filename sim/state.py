@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from recloop.sim import kernels
+from recloop.sim.checkpoint import pack_strings, unpack_strings
+
 
 def _grow(arr: np.ndarray, need: int) -> np.ndarray:
     if arr.shape[0] >= need:
@@ -153,7 +156,6 @@ class World:
     # -- checkpoints (plain values and arrays only: see recloop.sim.checkpoint) -------------------------
     def state_dict(self) -> dict:
         """The world as nested dicts of arrays and plain values (titles packed as UTF-8 bytes)."""
-        from recloop.sim.checkpoint import pack_strings
 
         u, it, cr = self.users, self.items, self.creators
         return {
@@ -169,7 +171,6 @@ class World:
     @classmethod
     def from_state_dict(cls, state: dict) -> World:
         """The world :meth:`state_dict` described (arrays copied: the world mutates them in place)."""
-        from recloop.sim.checkpoint import unpack_strings
 
         u, it, cr = state["users"], state["items"], state["creators"]
         users = Users(prefs=u["prefs"].copy(), prefs0=u["prefs0"].copy(), active=u["active"].copy(),
@@ -183,7 +184,6 @@ class World:
 
     def true_utility(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """V_ui = <x_u, a_i> for aligned arrays ``users`` (n,) and ``items`` (n, k) → (n, k)."""
-        from recloop.sim import kernels
 
         users = np.asarray(users)
         items = np.asarray(items)
@@ -261,7 +261,6 @@ class History:
 
     def _merge(self, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]):
         """Row-wise union of two segments (rows sorted, duplicates removed)."""
-        from recloop.sim import kernels
 
         if kernels.HAVE_NUMBA:
             ptr, idx = kernels.merge_csr(a[0], a[1], b[0], b[1])
@@ -340,7 +339,6 @@ class History:
 
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Whether each (users[j], items[j]) pair is in the history (binary search per pair)."""
-        from recloop.sim import kernels
 
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
@@ -356,7 +354,6 @@ class History:
 
     def csr(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A deduplicated CSR (indptr, indices) over the given users (in that order), rows sorted."""
-        from recloop.sim import kernels
 
         if kernels.HAVE_NUMBA:
             ptr, items = self.rows_csr(users)
