@@ -8,10 +8,12 @@ metrics work on the suite's fixed samples (``metrics.pairs``, ``metrics.user_sam
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
 from recloop.analysis import user_metrics as UM
 from recloop.analysis.collectors import MetricComponent
-from recloop.registry import register
+from recloop.limits import MAX_SAMPLE
+from recloop.registry import Params, register
 from recloop.rng import component_rng
 from recloop.sim import kernels
 from recloop.sim.pool import default_workers, parallel_rows
@@ -83,10 +85,14 @@ class Homogenization(MetricComponent):
                                   "above 512 users the partner is the most similar in a random pool of 4,096)",
     }
 
+    class Params(Params):
+        pairs: int | None = Field(None, gt=0, le=MAX_SAMPLE,
+                                  description="fixed random user pairs (default: the metrics block's pairs)")
+
     def setup(self, world, seed, config):
         rng = component_rng(seed, "metric.pairs")
         n = world.users.n
-        p = config.pairs
+        p = self.params.pairs or config.pairs
         a = rng.integers(0, n, size=p)
         b = (a + rng.integers(1, max(n, 2), size=p)) % max(n, 1)
         self.pairs = np.stack([a, b], axis=1).astype(np.int64)
@@ -263,9 +269,14 @@ class Utility(MetricComponent):
         "catalog_size": "items in the catalog",
     }
 
+    class Params(Params):
+        regret_sample: int | None = Field(
+            None, ge=0, le=MAX_SAMPLE, description="users sampled for the oracle regret (default: the metrics "
+                                                   "block's regret_sample; 0: off)")
+
     def setup(self, world, seed, config):
         rng = component_rng(seed, "metric.regret")
-        n = config.regret_sample
+        n = config.regret_sample if self.params.regret_sample is None else self.params.regret_sample
         self.regret_users = np.sort(rng.choice(world.users.n, size=min(n, world.users.n), replace=False))
 
     def compute(self, rec):

@@ -163,6 +163,12 @@ def names(kind: str) -> list[str]:
     return sorted(_REGISTRY[kind])
 
 
+def fingerprint() -> tuple:
+    """What is registered now, as a hashable key (models built from the registry are cached on it)."""
+    _ensure_loaded()
+    return tuple((k, n, id(s.cls)) for k in KINDS for n, s in sorted(_REGISTRY[k].items()))
+
+
 def specs(kind: str | None = None) -> list[Spec]:
     _ensure_loaded()
     kinds = [kind] if kind else list(KINDS)

@@ -1,9 +1,12 @@
 """Re-rankers: pick a slate of k items from each user's m candidates (reference E-MMR, E-CALIB, E-FAIR).
 
-Interface (``@register("reranker", name)``; built as ``Cls(params, **context)``)::
+Interface (``@register("reranker", name)``; a :class:`~recloop.component.Component` built as
+``Cls(params)`` and bound with the run's build context)::
 
     rerank(users (n,), candidates (n, m) item ids (-1 = invalid), scores (n, m) float32 (-inf = invalid),
-           k, world, *, step=0, history=None) -> (n, k) int64 item ids, -1 for empty slots
+           k, view, *, step=0, history=None) -> (n, k) int64 item ids, -1 for empty slots
+
+``view`` is the policy's :class:`~recloop.contracts.PlatformView` (observable item features, popularity).
 
 A candidate is valid when its id is >= 0 and its score is a number above -inf. Inputs are never
 modified. Greedy re-rankers run k steps, each vectorised over users and candidates (O(k·n·m) array work,
@@ -11,8 +14,8 @@ no Python loop over users, in row blocks that bound the temporaries); ties go to
 then to the earlier candidate column. ``history`` is any object with
 ``csr(users) -> (indptr, indices)`` (e.g. :class:`recloop.sim.state.History`).
 
-Optional hook: :meth:`Reranker.fit` is called (if the pipeline does) with the training log at each
-retrain; ``popularity_penalty`` takes φ from it (the Elliot convention: φ of the training log used at t).
+Optional hook: :meth:`Reranker.fit` is called by the pipeline with the training log at each retrain;
+``popularity_penalty`` takes φ from it (the Elliot convention: φ of the training log used at t).
 """
 
 from __future__ import annotations

@@ -218,7 +218,7 @@ def scenario_model():
     """The pydantic model of a scenario, including every registered component (and plugins)."""
     registry.load_builtins()
     registry.load_plugins()
-    return _scenario_model(sum(len(registry.names(k)) for k in registry.KINDS))
+    return _scenario_model(registry.fingerprint())
 
 
 def json_schema() -> dict[str, Any]:
