@@ -102,7 +102,7 @@ def run(name: str, policy: dict, args) -> dict:
             role_cpu.append(_ROLE_CPU[0] - r0)
         cyc = model.timings["cycle"][args.warmup :]
         cpu, role_cpu = cpu[args.warmup :], role_cpu[args.warmup :]
-        svc = model.llm_service
+        svc = model.services.get("llm")
         acc = svc.accounting if svc is not None else {}
     return {
         "bench": "llm_roles",

@@ -71,25 +71,9 @@ from .profile_text import (
 from .service import get_service
 from .types import GenerationParams, LLMRequest
 
-__all__ = ["LLMProfiler", "find_profilers"]
+__all__ = ["LLMProfiler"]
 
 ROLE = "profiler"
-
-
-# ================================================================================================ helpers
-def find_profilers(policy) -> list:
-    """Every :class:`LLMProfiler` inside a policy tree (wrappers' ``base``, pipeline stages)."""
-    out, seen, stack = [], set(), [policy]
-    while stack:
-        obj = stack.pop(0)
-        if obj is None or id(obj) in seen or isinstance(obj, (dict, str, int, float, list)):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, LLMProfiler):
-            out.append(obj)
-        for attr in ("base", "retrieval", "ranker", "reranker", "inner", "policy"):
-            stack.append(getattr(obj, attr, None))
-    return out
 
 
 @register("policy", "llm_profiler")

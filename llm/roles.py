@@ -1,5 +1,5 @@
 """Shared helpers of the LLM roles (:mod:`.role_augment` R1, :mod:`.role_profile` R2, :mod:`.role_rank` R3):
-finding the roles inside a policy tree, title matching, and the small array helpers they share.
+title matching, and the small array helpers they share.
 """
 
 from __future__ import annotations
@@ -8,27 +8,7 @@ import numpy as np
 
 from .matching import TitleMatcher
 
-__all__ = ["find_llm_roles", "match_titles"]
-
-
-def find_llm_roles(policy) -> list:
-    """Every LLM role object inside a policy tree (wrappers' ``base``, pipeline stages), in order.
-    A role is an object with an ``llm_role`` attribute (``augmenter``, ``profiler``, ``ranker``)."""
-    out: list = []
-    seen: set[int] = set()
-    stack = [policy]
-    while stack:
-        obj = stack.pop(0)
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if getattr(obj, "llm_role", None):
-            out.append(obj)
-        for attr in ("base", "retrieval", "ranker", "reranker", "inner", "policy"):
-            child = getattr(obj, attr, None)
-            if child is not None and not isinstance(child, (dict, str, int, float)):
-                stack.append(child)
-    return out
+__all__ = ["match_titles"]
 
 
 def match_titles(matcher: TitleMatcher, titles: list[str]) -> list:

@@ -13,13 +13,13 @@ The scenario's ``llm:`` block (:class:`LLMConfig`) says which backend to use and
       max_output_chars: 2000 # longer answers count as "too_long" failures
 
 Every LLM role (R1 augmenter, R2 profiler, R3 ranker) gets the same :class:`LLMService` through
-:func:`get_service` (memoised per :class:`~recloop.recommenders.base.PolicyContext`, i.e. one per
-``FeedbackLoop``). :meth:`LLMService.generate` returns one :class:`LLMResponse` per request and never
-raises for a bad answer: malformed answers come back with ``failed=True`` and ``error`` set to the
-reason (``empty``, ``too_long``, ``timeout``, ``budget``, ``backend_error``), are counted per role and
-logged with their prompt to ``<run_dir>/llm_failures.jsonl``. Roles report parse failures
-themselves with :meth:`LLMService.log_failure` (reason ``unparsable``) and count the fallbacks they
-take with :meth:`LLMService.count_fallback`.
+:func:`get_service`: a shared service of the run's :class:`~recloop.contracts.BuildContext`
+(``context.services["llm"]``, one per ``FeedbackLoop``). :meth:`LLMService.generate` returns one
+:class:`LLMResponse` per request and never raises for a bad answer: malformed answers come back with
+``failed=True`` and ``error`` set to the reason (``empty``, ``too_long``, ``timeout``, ``budget``,
+``backend_error``), are counted per role and logged with their prompt to ``<run_dir>/llm_failures.jsonl``.
+Roles report parse failures themselves with :meth:`LLMService.log_failure` (reason ``unparsable``) and
+count the fallbacks they take with :meth:`LLMService.count_fallback`.
 
 Accounting (:attr:`LLMService.accounting`) is checkpointed with the run (``FeedbackLoop.state()``), so a
 resumed run reports the totals of the whole run; the cache makes the replayed part free.

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from recloop.contracts import BuildContext, PlatformView
+from recloop.contracts import BuildContext, PlatformView, PolicyProbe
 from recloop.llm.embedding import EmbeddingCache, HashingEmbedder, get_embedder
 from recloop.llm.profile_metrics import DemographicBias
 from recloop.llm.profile_text import DemographicProbe, build_personas
-from recloop.llm.role_profile import LLMProfiler, find_profilers
+from recloop.llm.role_profile import LLMProfiler
 from recloop.llm.service import LLMService
 
 HAVE_MINILM = (
@@ -109,7 +109,8 @@ def test_unknown_embedder_is_a_user_error(tmp_path):
 def test_profiler_refreshes_profiles_and_reports_profhall(write_yaml, tmp_path):
     m = _model(write_yaml, tmp_path)
     prof = m.policy
-    assert find_profilers(m.policy) == [prof] and prof.llm_role == "profiler"
+    stages = PolicyProbe(m.policy, m.platform.view).stage_reports()
+    assert [s.role for s in stages] == ["profiler"] and prof.llm_role == "profiler"
     rows_all = []
     for _ in range(5):
         m.step()
