@@ -35,7 +35,7 @@ class PlatformAgent(mesa.Agent):
     def serve(self, users: np.ndarray, step: int, sink: ChoiceSink) -> tuple[np.ndarray, np.ndarray]:
         """Slates (len(users), k) and their scores; the engine hands each chunk to ``sink``."""
         m = self.model
-        exclude = None if m.scenario.users.repeat_consumption else m.history
+        exclude = None if m.scenario.users.repeat_consumption else self.view.history  # read-only
         return self.policy.recommend(users, m.scenario.k, self.view, exclude=exclude, step=step,
                                      engine=m.engine, on_chunk=sink)
 

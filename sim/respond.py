@@ -38,6 +38,8 @@ class ChoiceSink:
         self.chosen_pos = np.full(n, -1, np.int64)
         self.chosen_item = np.full(n, -1, np.int64)
         self.realised = np.zeros(n, np.float32)
+        self.probs: np.ndarray | None = None  # (n, k+1) where the model has a closed form (last: no click)
+        self._closed_form = self.many is None
         self._extra_users: list[np.ndarray] = []
         self._extra_items: list[np.ndarray] = []
 
@@ -53,6 +55,7 @@ class ChoiceSink:
             pos = np.where(accept.any(axis=1), np.argmax(accept, axis=1), -1)
         else:
             pos = self.choice.choose(perceived, valid, u, self.key)
+            self._keep_probabilities(sl, perceived, valid)
         hit = pos >= 0
         rows = np.flatnonzero(hit)
         self.chosen_pos[sl] = pos
@@ -65,6 +68,18 @@ class ChoiceSink:
             ru = np.zeros(len(u), np.float32)
             ru[rows] = true_u[rows, pos[hit]]
             self.realised[sl] = ru
+
+    def _keep_probabilities(self, sl: slice, perceived: np.ndarray, valid: np.ndarray) -> None:
+        """The choice model's probabilities of this chunk, when it has them in closed form."""
+        if not self._closed_form:
+            return
+        p = self.choice.probabilities(perceived, valid)
+        if p is None:
+            self._closed_form = False
+            return
+        if self.probs is None:
+            self.probs = np.zeros((len(self.users), p.shape[1]), np.float32)
+        self.probs[sl] = p
 
     def _accept_many(self, u, items, valid, perceived) -> np.ndarray:
         """Every accepted slot; the first is the user's choice, the others are kept as extra pairs."""
@@ -81,4 +96,4 @@ class ChoiceSink:
         z = np.zeros(0, np.int64)
         eu = np.concatenate(self._extra_users) if self._extra_users else z
         ei = np.concatenate(self._extra_items) if self._extra_items else z
-        return Response(self.users, self.chosen_pos, self.chosen_item, self.realised, eu, ei)
+        return Response(self.users, self.chosen_pos, self.chosen_item, self.realised, eu, ei, self.probs)

@@ -129,6 +129,7 @@ def test_metrics_receive_a_frozen_cycle_record_and_never_the_model(registered):
     n, k = rec.slates.shape
     assert n == len(rec.users) and k == 4 and rec.step == 0
     assert rec.exposure.sum() == (rec.slates >= 0).sum()
+    assert rec.choice_probs.shape == (n, k + 1) and np.allclose(rec.choice_probs.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(rec.popularity_before, pop0)
     users, items = rec.consumed  # picks and organic picks: φ grows by the new distinct pairs
     assert rec.popularity.sum() - rec.popularity_before.sum() == len(set(zip(users.tolist(), items.tolist())))
