@@ -26,9 +26,10 @@ from pydantic_core import core_schema
 
 from recloop import registry
 from recloop.contracts import BuildContext, Report, StageReport
+from recloop.errors import RecloopInputError
 from recloop.registry import Params
 
-__all__ = ["Child", "Component", "check_child"]
+__all__ = ["Child", "ChildType", "Component", "check_child"]
 
 
 class Component:
@@ -151,24 +152,43 @@ def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
-class _ChildType:
+class ChildType:
+    """Base of the types :func:`Child` makes: validated against the registry, described as a union."""
+
     kind = ""
+    by_name = False
+
+    @classmethod
+    def validate(cls, value: Any) -> Any:
+        if cls.by_name and isinstance(value, str):
+            try:
+                registry.get(cls.kind, value)
+            except RecloopInputError as exc:  # an unknown id: the closest valid one is named, at this key
+                raise ValueError(exc.detail) from None
+            return value
+        return check_child(cls.kind, value)
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source, handler):
-        kind = cls.kind
-        return core_schema.no_info_plain_validator_function(lambda v: check_child(kind, v))
+        return core_schema.no_info_plain_validator_function(cls.validate)
 
     @classmethod
     def __get_pydantic_json_schema__(cls, schema, handler):
-        return _union_schema(cls.kind)
+        union = _union_schema(cls.kind)
+        if not cls.by_name:
+            return union
+        return {"description": union["description"] + ", or just its id",
+                "anyOf": [{"type": "string", "enum": registry.names(cls.kind)}, union]}
 
 
-_CHILD_TYPES: dict[str, type] = {}
+_CHILD_TYPES: dict[tuple[str, bool], type] = {}
 
 
-def Child(kind: str) -> type:  # noqa: N802  (a type factory, used like a type)
-    """The type of a nested component field of ``kind``: ``base: Child("policy")``."""
-    if kind not in _CHILD_TYPES:
-        _CHILD_TYPES[kind] = type(f"{kind.title()}Component", (_ChildType,), {"kind": kind})
-    return _CHILD_TYPES[kind]
+def Child(kind: str, *, by_name: bool = False) -> type:  # noqa: N802  (a type factory, used like a type)
+    """The type of a nested component field of ``kind``: ``base: Child("policy")``. With ``by_name``, a
+    bare id (``exposure``) stands for the component with its default parameters."""
+    key = (kind, by_name)
+    if key not in _CHILD_TYPES:
+        name = f"{kind.title()}Component" + ("OrId" if by_name else "")
+        _CHILD_TYPES[key] = type(name, (ChildType,), {"kind": kind, "by_name": by_name})
+    return _CHILD_TYPES[key]

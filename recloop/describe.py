@@ -12,6 +12,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from recloop.component import ChildType
+
 _NAMES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null", Any: "any"}
 
 
@@ -56,6 +58,8 @@ def type_label(annotation: Any, metadata: Iterable[Any] = ()) -> str:
     if annotation in _NAMES:
         return _NAMES[annotation] + (_bounds(metadata) if annotation in (int, float) else "")
     if isinstance(annotation, type):
+        if issubclass(annotation, ChildType):
+            return f"{annotation.kind} component {{type: <id>, ...}}"
         if issubclass(annotation, BaseModel | Mapping):
             return "mapping"
         if issubclass(annotation, list | tuple | set | frozenset):

@@ -103,7 +103,7 @@ class UsersConfig(Params):
 class MetricsConfig(Params):
     """Which metrics to record and how (sampling keeps pairwise/oracle metrics cheap)."""
 
-    include: list[str | Child("metric")] | None = Field(  # type: ignore[valid-type]
+    include: list[Child("metric", by_name=True)] | None = Field(  # type: ignore[valid-type]
         None, description="metric components: ids, or blocks with parameters ({type: homogenization, "
                           "pairs: 800}); default: every default component")
     exclude: list[str] = Field(default_factory=list, description="metric component ids left out")

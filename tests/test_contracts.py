@@ -211,3 +211,21 @@ def test_schema_describes_nested_components_as_unions():
     text = str(json_schema())
     assert "'discriminator': {'propertyName': 'type'}" in text
     assert "'title': 'policy als'" in text and "'title': 'reranker mmr'" in text
+
+
+def test_nested_components_are_validated_at_their_full_key(write_yaml):
+    from recloop.errors import RecloopInputError
+    from recloop.sim.config import load_scenario
+
+    base = "world: {type: chaney, n_users: 50, n_items: 40}\n"
+    cases = {
+        "policy: {type: pipeline, retrieval: {type: als, factorz: 3}}": ("policy.retrieval", "factorz"),
+        "policy: {type: popularity}\nmetrics: {include: [exposur]}": ("metrics.include.0", "Did you mean 'exposure'"),
+        "policy: {type: popularity}\nmetrics: {include: [{type: homogenization, pairz: 3}]}":
+            ("metrics.include.0", "allowed keys: pairs"),
+        "policy: {type: llm_augmented, base: {type: bprr}}": ("policy.base.type", "Did you mean 'bpr'"),
+    }
+    for body, (key, text) in cases.items():
+        with pytest.raises(RecloopInputError) as err:
+            load_scenario(write_yaml(base + body))
+        assert f"key '{key}'" in str(err.value) and text in str(err.value), str(err.value)
