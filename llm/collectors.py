@@ -27,12 +27,14 @@ from recloop.analysis import metrics as M
 from recloop.analysis.collectors import MetricComponent
 from recloop.registry import register
 
+from .reports import AugmenterReport, ProfilerReport, RankerReport
+
 NAN = float("nan")
 
 
 def _roles(rec) -> list:
     """The stage reports of the LLM roles in the serving policy (tree order)."""
-    return [s for s in rec.stages if s.role in ("augmenter", "ranker", "profiler")]
+    return [s for s in rec.stages if isinstance(s, AugmenterReport | RankerReport | ProfilerReport)]
 
 
 def group(role: str, phase: str) -> str:
@@ -131,7 +133,7 @@ class LLMGeneration(MetricComponent):
         for idx, role in enumerate(_roles(rec)):
             name = role.role
             if name == "augmenter":
-                last = role.data["last"] or {}
+                last = role.last or {}
                 key = f"{idx}:{name}"
                 if last and self.reported.get(key) != last.get("seq"):
                     self.reported[key] = last["seq"]
@@ -141,7 +143,7 @@ class LLMGeneration(MetricComponent):
                             continue
                         rows.append((f"llm_{k}", g, float(v)))
             elif name == "ranker":
-                c = role.data["cycle"]
+                c = role.cycle
                 if c.get("step") == rec.step and c.get("requests"):
                     g = group(name, "generation")
                     rows.append(("llm_malformed_rate", g, c["failed"] / c["requests"]))
@@ -173,7 +175,7 @@ class LLMRecommendation(MetricComponent):
             name = role.role
             g = group(name, "recommendation")
             if name == "ranker":
-                c = role.data["cycle"]
+                c = role.cycle
                 if c.get("step") != rec.step or not c.get("users"):
                     continue
                 if c["first_pos"]:
@@ -242,7 +244,7 @@ class LLMFeedback(MetricComponent):
                 shares = rec.provenance_shares
                 rows.append(("llm_log_share", g, float(shares[2])))
                 rows.append(("llm_augmented_cum", g, float(rec.log_counts[2])))
-                ph = role.data["phantom"]
+                ph = role.phantom
                 rows.append(("llm_phantom_items", g, float(ph.sum())))
                 if ph.any():
                     shown = rec.slates[rec.slates >= 0]
@@ -260,8 +262,8 @@ class LLMFeedback(MetricComponent):
                 req = a.get("requests", 0)
                 rows.append(("llm_fallback_rate", g, a.get("fallbacks", 0) / req if req else NAN))
             elif name == "ranker":
-                served = role.data["served_total"]
-                rows.append(("llm_fallback_rate", g, role.data["fallbacks_total"] / served if served else NAN))
+                served = role.served_total
+                rows.append(("llm_fallback_rate", g, role.fallbacks_total / served if served else NAN))
             else:
                 a = acc_roles.get(name, {})
                 req = a.get("requests", 0)

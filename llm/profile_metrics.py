@@ -32,6 +32,7 @@ from recloop.registry import register
 from .matching import TitleMatcher
 from .parsing import parse_title_list
 from .profile_text import DemographicProbe, build_personas
+from .reports import ProfilerReport
 from .service import SERVICE
 from .types import GenerationParams, LLMRequest
 
@@ -44,7 +45,7 @@ GROUP_LOOP = "role=profiler,phase=feedback_loop"
 
 def _profilers(rec) -> list:
     """The stage reports of the R2 profilers in the serving policy (in tree order)."""
-    return [s for s in rec.stages if s.role == "profiler"]
+    return [s for s in rec.stages if isinstance(s, ProfilerReport)]
 
 
 
@@ -86,7 +87,7 @@ class ProfileMetrics(MetricComponent):
         rows = []
         for j, prof in enumerate(profs):
             suffix = "" if j == 0 else f",stage={j}"
-            for rep in prof.data["reports"]:
+            for rep in prof.reports:
                 if rep["seq"] <= self.seen:
                     continue
                 st = rep["stats"]
@@ -98,11 +99,11 @@ class ProfileMetrics(MetricComponent):
                     rows.append(("llm_profile_stability", GROUP_LOOP + suffix, float(st["stability"])))
             sample = rec.user_sample[:50]
             if len(sample):
-                v = prof.data["rank_shift"](sample, rec.k, rec.step)
+                v = prof.rank_shift(sample, rec.k, rec.step)
                 if np.isfinite(v):
                     rows.append(("llm_profile_rank_shift", GROUP_REC + suffix, v))
         if profs:
-            self.seen = max([self.seen] + [r["seq"] for p in profs[:1] for r in p.data["reports"]])
+            self.seen = max([self.seen] + [r["seq"] for p in profs[:1] for r in p.reports])
         return rows
 
 
@@ -183,7 +184,7 @@ class DemographicBias(MetricComponent):
         svc = rec.services.get(SERVICE)
         if not profs or svc is None:
             return []
-        cfg = profs[0].data["demographic_probe"]
+        cfg = profs[0].demographic_probe
         if cfg.every == 0 or rec.step % cfg.every != 0:
             return []
         world = rec.world

@@ -34,7 +34,7 @@ from pydantic import Field
 
 from recloop import registry
 from recloop.component import Child
-from recloop.contracts import CatalogReport, InteractionReport, StageReport
+from recloop.contracts import CatalogReport, InteractionReport
 from recloop.limits import MAX_ITEMS, MAX_K, MAX_STEPS, MAX_USERS
 from recloop.recommenders.base import PROVENANCE, Policy, TrainingData
 from recloop.registry import Params, register
@@ -44,6 +44,7 @@ from .augment_candidates import candidate_pools, pool_relevance
 from .augment_stats import generation_stats
 from .matching import TitleMatcher, normalise_title
 from .parsing import parse_title_list_checked
+from .reports import AugmenterReport
 from .roles import _history_items, _pad, _titles_line, match_titles
 from .service import get_service
 from .types import LLMRequest
@@ -111,9 +112,9 @@ class LLMAugmented(Policy):
     def children(self) -> list:
         return [self.base]
 
-    def stage_report(self) -> StageReport:
-        return StageReport(self.llm_role, self.registry_name, MappingProxyType({
-            "last": copy.deepcopy(self.last), "phantom": self.phantom.copy()}))
+    def stage_report(self) -> AugmenterReport:
+        return AugmenterReport(self.llm_role, self.registry_name, MappingProxyType(copy.deepcopy(self.last)),
+                               self.phantom.copy())
 
     def factors(self, world):
         return self.base.factors(world)

@@ -41,7 +41,6 @@ Its metrics (``llm_profile``, ``llm_demographic_bias``) are in :mod:`.profile_me
 from __future__ import annotations
 
 import copy
-from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
@@ -49,13 +48,13 @@ from pydantic import Field
 
 from recloop import registry
 from recloop.component import Child
-from recloop.contracts import PlatformView, StageReport
+from recloop.contracts import PlatformView
 from recloop.limits import MAX_DIM, MAX_K, MAX_SAMPLE, MAX_STEPS, MAX_TOKENS, MAX_USERS
 from recloop.recommenders.base import Policy, TrainingData
 from recloop.registry import Params, register
 from recloop.rng import component_rng, derive_key, hash_u64
 
-from .embedding import find_minilm, get_embedder
+from . import embedding
 from .profile_factors import popularity_scores, principal_directions, rank_shift, standardise_rows, standardised_factors
 from .profile_report import refresh_stats, user_record
 from .profile_text import (
@@ -68,6 +67,7 @@ from .profile_text import (
     item_texts,
     recent_items,
 )
+from .reports import ProfilerReport
 from .service import get_service
 from .types import GenerationParams, LLMRequest
 
@@ -172,19 +172,19 @@ class LLMProfiler(Policy):
     def children(self) -> list:
         return [self.base] if self.base is not None else []
 
-    def stage_report(self) -> StageReport:
-        """The last refreshes (``reports``), the demographic-probe settings, and a read-only
-        ``rank_shift(users, k, step)`` on the profiler's own view."""
+    def stage_report(self) -> ProfilerReport:
+        """The last refreshes, the demographic-probe settings, and a read-only ``rank_shift(users, k,
+        step)`` on the profiler's own view."""
         view = self.context.view
-        return StageReport(self.llm_role, self.registry_name, MappingProxyType({
-            "reports": copy.deepcopy(self.reports), "demographic_probe": self.params.demographic_probe,
-            "rank_shift": lambda users, k, step: self.rank_shift(users, k, view, step)}))
+        return ProfilerReport(self.llm_role, self.registry_name, tuple(copy.deepcopy(self.reports)),
+                              self.params.demographic_probe,
+                              lambda users, k, step: self.rank_shift(users, k, view, step))
 
     def preflight(self) -> None:
         """Check that the embedding model a run will load is installed, without loading it (``recloop validate``)."""
         if self.params.embedder == "minilm":
 
-            find_minilm()
+            embedding.find_minilm()  # looked up at call time (tests replace it)
 
     # -- embedding ----------------------------------------------------------------------------------
     @property
@@ -192,7 +192,8 @@ class LLMProfiler(Policy):
         if self._embedder is None:
 
             p = self.params
-            self._embedder = get_embedder(p.embedder, cache_dir=p.embed_cache_dir, batch_size=p.embed_batch)
+            self._embedder = embedding.get_embedder(p.embedder, cache_dir=p.embed_cache_dir,
+                                                    batch_size=p.embed_batch)
         return self._embedder
 
     def item_embeddings(self, world) -> np.ndarray:

@@ -33,13 +33,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from recloop.contracts import PlatformView, StageReport
+from recloop.contracts import PlatformView
 from recloop.limits import MAX_ITERATIONS, MAX_K, MAX_USERS
 from recloop.recommenders.rerankers import Reranker
 from recloop.registry import Params, register
 from recloop.rng import derive_key, hash_u64
 
 from .parsing import parse_ranking
+from .reports import RankerReport
 from .roles import _history_items, _titles_line, _topk_lex, _zscore_rows
 from .service import get_service
 from .types import LLMRequest
@@ -93,10 +94,9 @@ class LLMRank(Reranker):
     def on_bind(self, context) -> None:
         self.service = get_service(context)
 
-    def stage_report(self) -> StageReport:
-        return StageReport(self.llm_role, self.registry_name, MappingProxyType({
-            "cycle": copy.deepcopy(self.cycle), "served_total": self.served_total,
-            "fallbacks_total": self.fallbacks_total}))
+    def stage_report(self) -> RankerReport:
+        return RankerReport(self.llm_role, self.registry_name, MappingProxyType(copy.deepcopy(self.cycle)),
+                            self.served_total, self.fallbacks_total)
 
     @staticmethod
     def _new_cycle(step: int) -> dict[str, Any]:

@@ -120,10 +120,10 @@ def list_components(kind: Optional[str] = typer.Argument(None, help="only this k
         specs = registry.specs(k)
         if not specs:
             continue
-        table = Table(title=f"{k} components", show_lines=True, title_justify="left")
+        table = Table(title=f"{k} components", show_lines=True, title_justify="left", expand=True)
         table.add_column("type", style="bold cyan", no_wrap=True)
-        table.add_column("description")
-        table.add_column("parameters")
+        table.add_column("description", ratio=2)
+        table.add_column("parameters", ratio=1)
         for spec in specs:
             params = [param_line(name, field) for name, field in spec.params.model_fields.items()]
             doc = " ".join(spec.doc.split("\n\n")[0].split())

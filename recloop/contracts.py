@@ -134,12 +134,11 @@ Report = InteractionReport | CatalogReport
 @dataclass(frozen=True)
 class StageReport:
     """A stage's account of its last round (LLM roles: what was asked, generated, matched, changed),
-    snapshotted by the loop into the cycle record for the metrics. ``data`` is read-only."""
+    snapshotted by the loop into the cycle record for the metrics. Stages subclass it with typed fields
+    (e.g. :class:`recloop.llm.reports.AugmenterReport`)."""
 
-    role: str
-    kind: str
-    data: Mapping[str, Any]
-    accounting: Mapping[str, Any] = field(default_factory=dict)
+    role: str  # what the stage does (augmenter, ranker, profiler, ...)
+    kind: str  # its registered id
 
 
 # ----------------------------------------------------------------------------------------- the views
