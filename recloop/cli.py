@@ -1,6 +1,8 @@
 """The ``recloop`` command line: run, validate, schema, list, plot, resume (and ``llm`` tools).
 
-Bad input is reported as one paragraph on stderr with exit code 2 and no traceback.
+Bad input is reported as one paragraph on stderr with exit code 2 and no traceback. Each command imports
+what it needs when it runs (not when the module loads), so ``recloop --help`` and ``recloop validate``
+start without loading the simulator, plotting or LLM code.
 """
 
 from __future__ import annotations

@@ -192,6 +192,7 @@ class FeedbackLoop(mesa.Model):
         """The frozen record of the cycle, for the online policy and the metrics."""
         measured = t % self.scenario.metrics.every == 0
         policy_view = self.platform.view
+        reports, self._last_reports = tuple(self._last_reports), []  # each report is recorded once
         return CycleRecord(
             step=t, seed=self.seed, k=self.scenario.k, users=response.users, slates=slates,
             chosen_pos=response.chosen_pos, chosen_item=response.chosen_item, utility=response.utility,
@@ -201,7 +202,7 @@ class FeedbackLoop(mesa.Model):
             fixed_sample=self.metrics.sample, world=self.world,
             policy=PolicyProbe(self.policy, policy_view), engine=self.engine,
             repeat_consumption=self.scenario.users.repeat_consumption, choice_probs=response.choice_probs,
-            reports=tuple(self._last_reports),
+            reports=reports,
             stages=PolicyProbe(self.policy, policy_view).stage_reports() if measured else (),
             platform=PlatformView(self, ground_truth=True, who="a metric"),
             services=MappingProxyType(self.context.services),
