@@ -394,6 +394,12 @@ class PolicyProbe:
     def score_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self._policy.score_pairs(users, items, self._view, self._view.step)
 
+    def greedy_factors(self):
+        """(user, item, bias) factors of the policy's mean-only ranking, for a bandit (``greedy_factors``);
+        None for a policy that does not explore."""
+        fn = getattr(self._policy, "greedy_factors", None)
+        return fn(self._view) if callable(fn) else None
+
     def stage_reports(self) -> tuple[StageReport, ...]:
         return tuple(r for s in _walk(self._policy) if (r := _stage_report(s)) is not None)
 
@@ -436,6 +442,8 @@ class CycleRecord:
     platform: PlatformView  # the platform's state as the analyst sees it (training log)
     repeat_consumption: bool
     choice_probs: np.ndarray | None = None  # (n, k+1) where the choice model has them (last: no click)
+    #: the choice model's closed form ``(util (n, k), valid) -> (n, k+1)`` probabilities, where it has one
+    choice_probabilities: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None
     reports: tuple[Report, ...] = ()  # data committed by stages at the last retrain
     stages: tuple[StageReport, ...] = ()  # the stages' accounts of their last round
     services: Mapping[str, Any] = field(default_factory=dict)  # the run's shared services (LLM)

@@ -202,6 +202,7 @@ class FeedbackLoop(mesa.Model):
             fixed_sample=self.metrics.sample, world=self.world,
             policy=PolicyProbe(self.policy, policy_view), engine=self.engine,
             repeat_consumption=self.scenario.users.repeat_consumption, choice_probs=response.choice_probs,
+            choice_probabilities=getattr(self.users_agent.choice, "probabilities", None),
             reports=reports,
             stages=PolicyProbe(self.policy, policy_view).stage_reports() if measured else (),
             platform=PlatformView(self, ground_truth=True, who="a metric"),

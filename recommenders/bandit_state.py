@@ -1,0 +1,81 @@
+"""Ridge-regression state of the linear bandits (E-LINUCB, E-LINTS, E-EPS): A = λI + Σ x xᵀ, b = Σ r x,
+θ̂ = A⁻¹ b, kept as A⁻¹ (float64) per user or shared, and updated in batches.
+
+A batch of m observations X (m × d) with rewards r updates A⁻¹ by Woodbury,
+A⁻¹ ← A⁻¹ − A⁻¹Xᵀ (I + X A⁻¹ Xᵀ)⁻¹ X A⁻¹, in O(m d² + m² d + m³) — the same matrix (to float rounding) as
+m Sherman–Morrison updates one at a time (tested). Users are batched by their number of observations,
+so a cycle's update is a few stacked matrix products rather than a Python loop over users.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["RidgeState", "woodbury_update", "sherman_morrison_update"]
+
+
+def woodbury_update(a_inv: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A⁻¹ after adding the rows of ``x`` to A, for stacks: ``a_inv`` (n, d, d), ``x`` (n, m, d)."""
+    ax = a_inv @ np.swapaxes(x, 1, 2)  # (n, d, m)
+    inner = np.eye(x.shape[1])[None] + x @ ax  # (n, m, m)
+    return a_inv - ax @ np.linalg.solve(inner, np.swapaxes(ax, 1, 2))
+
+
+def sherman_morrison_update(a_inv: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A⁻¹ after adding one row ``x`` (d,) to A (the one-at-a-time reference)."""
+    ax = a_inv @ x
+    return a_inv - np.outer(ax, ax) / (1.0 + x @ ax)
+
+
+class RidgeState:
+    """Per-row ridge statistics (``rows`` = users in ``per_user`` mode, 1 in ``shared`` mode)."""
+
+    def __init__(self, dim: int, lam: float, rows: int = 0):
+        self.dim = int(dim)
+        self.lam = float(lam)
+        self.a_inv = np.zeros((0, dim, dim))
+        self.b = np.zeros((0, dim))
+        self.theta = np.zeros((0, dim))
+        self.n_obs = np.zeros(0, np.int64)
+        self.grow(rows)
+
+    def grow(self, rows: int) -> None:
+        """Rows for new users: A = λI, b = 0."""
+        have = len(self.b)
+        if rows <= have:
+            return
+        extra = rows - have
+        eye = np.broadcast_to(np.eye(self.dim) / self.lam, (extra, self.dim, self.dim))
+        self.a_inv = np.concatenate([self.a_inv, eye])
+        self.b = np.concatenate([self.b, np.zeros((extra, self.dim))])
+        self.theta = np.concatenate([self.theta, np.zeros((extra, self.dim))])
+        self.n_obs = np.concatenate([self.n_obs, np.zeros(extra, np.int64)])
+
+    def update(self, rows: np.ndarray, x: np.ndarray, r: np.ndarray) -> None:
+        """Add observations: row ``rows[j]`` saw features ``x[j]`` (d,) with reward ``r[j]``. Rows are
+        batched by how many observations they got; every row's rows of ``x`` are added at once."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            return
+        order = np.argsort(rows, kind="stable")
+        rows, x, r = rows[order], np.asarray(x, np.float64)[order], np.asarray(r, np.float64)[order]
+        uniq, start, count = np.unique(rows, return_index=True, return_counts=True)
+        np.add.at(self.b, rows, x * r[:, None])
+        for m in np.unique(count):
+            sel = count == m
+            idx = start[sel][:, None] + np.arange(m)[None, :]
+            who = uniq[sel]
+            self.a_inv[who] = woodbury_update(self.a_inv[who], x[idx])
+        self.n_obs[uniq] += count
+        self.theta[uniq] = np.einsum("nde,ne->nd", self.a_inv[uniq], self.b[uniq])
+
+    def state_dict(self) -> dict:
+        return {"dim": self.dim, "lam": self.lam, "a_inv": self.a_inv, "b": self.b, "theta": self.theta,
+                "n_obs": self.n_obs}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> RidgeState:
+        s = cls(int(state["dim"]), float(state["lam"]))
+        s.a_inv, s.b = np.array(state["a_inv"]), np.array(state["b"])
+        s.theta, s.n_obs = np.array(state["theta"]), np.array(state["n_obs"])
+        return s
