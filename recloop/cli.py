@@ -1,4 +1,4 @@
-"""The ``recloop`` command line: run, validate, schema, list, plot, resume (and ``llm`` tools).
+"""The ``recloop`` command line: run, validate, schema, list, plot, resume, ope (and ``llm`` tools).
 
 Bad input is reported as one paragraph on stderr with exit code 2 and no traceback. Each command imports
 what it needs when it runs (not when the module loads), so ``recloop --help`` and ``recloop validate``
@@ -152,6 +152,49 @@ def plot(
     except ValueError as exc:
         raise RecloopInputError(str(exc), file=str(run_dir)) from None
     typer.echo(f"plot: {path}")
+
+
+@app.command(name="ope")
+def ope_command(
+    log: str = typer.Argument(..., help="obd:random or obd:bts (the Open Bandit Dataset sample in the obp wheel, "
+                              "campaign all; obd:BEHAVIOR:CAMPAIGN for men/women), or a CSV/Parquet file with "
+                              "columns action (int), position (int, 0-based), reward (in [0, 1]), pscore (in (0, 1])"),
+    policy: Path = typer.Option(..., "--policy", "-p", help="YAML file whose policies: are the targets: type random "
+                                "(uniform slates) or bernoulli_ts (alpha, beta per item; default obp's ZOZOTOWN "
+                                "prior; campaign, samples, seed); other recloop policy types are skipped"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for ope.parquet (created if missing)"),
+    estimators: str = typer.Option("ipw,snipw,dm,dr", help="comma-separated: ipw, snipw, dm, dr"),
+    resamples: int = typer.Option(2000, min=0, max=100_000, help="bootstrap resamples (0: no intervals)"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the bootstrap"),
+) -> None:
+    """Off-policy evaluation: estimate target policies' reward per impression from a logged bandit log.
+
+    Targets are context-free (a log has no users or items to act on); estimators IPW, SNIPW, DM, DR.
+
+    Writes DIR/ope.parquet (policy, estimator, value, lo, hi: 95% bootstrap percentile intervals) and prints it.
+
+    Its first row, policy '(logging)' with estimator 'on_policy', is the log's own mean reward.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from recloop.analysis.ope import evaluate_log
+    from recloop.sim.store import atomic_write
+
+    names = [e.strip() for e in estimators.split(",") if e.strip()]
+    if out.exists() and not out.is_dir():
+        raise RecloopInputError("exists and is not a folder.", file=str(out), key="--out")
+    df, skipped = evaluate_log(log, policy, names, resamples=resamples, seed=seed)
+    atomic_write(out / "ope.parquet", df.write_parquet)
+    table = Table(title=f"off-policy evaluation on {log}", title_justify="left")
+    for col in df.columns:
+        table.add_column(col, justify="right" if col in ("value", "lo", "hi") else "left")
+    for row in df.iter_rows():
+        table.add_row(*row[:2], *(f"{v:.6g}" for v in row[2:]))
+    Console(soft_wrap=True).print(table)
+    if skipped:
+        typer.echo("skipped (they need users and items): " + ", ".join(f"{n} ({t})" for n, t in skipped.items()))
+    typer.echo(f"wrote: {out / 'ope.parquet'}")
 
 
 def _mount_optional() -> None:

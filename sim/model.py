@@ -328,7 +328,10 @@ class FeedbackLoop(mesa.Model):
         self.metrics.load_state_dict(state["metrics"])
         self.timings = defaultdict(list, {k: np.asarray(v).tolist() for k, v in state.get("timings", {}).items()})
         saved = state.get("services") or {}
-        for name, svc in self.context.services.items():
+        ctx = self.context
+        for name in sorted(set(saved) - set(ctx.services)):  # made after setup (e.g. a warm start)
+            ctx.service(name, lambda name=name: registry.service_factory(name)(ctx))
+        for name, svc in list(self.context.services.items()):
             restored = getattr(svc, "on_restore", None)
             if callable(restored):
                 restored()  # e.g. the LLM service re-reads the restored catalog
