@@ -5,8 +5,10 @@ explores. ``group`` is empty.
 Expected values use the choice model's closed-form probabilities P(j | slate) (the record's
 ``choice_probabilities``; a model without one, such as EchoTrace's replay, gives no rows): the expected
 utility of a slate is Σ_j P(j)·V_uj and its expected reward (a click) is 1 − P(no click). Both are
-evaluated on true utilities for the served slate, the ideal policy's slate (top-k by true utility,
-the served slate's exclusions) and a uniformly random slate, for every active user.
+evaluated on the true utilities users had when served (the record's ``truth_at_serve``: tastes that
+move in the advance phase are taken before they move) for the served slate, the ideal policy's slate
+(top-k by true utility, the served slate's exclusions) and a uniformly random slate, for every active
+user.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class BanditMetrics(MetricComponent):
     cumulative reward, expected reward relative to random slates, and the exploration share."""
 
     default = False
+    needs_serve_time_truth = True  # regret compares slates under the tastes users had when served
     METRICS = {
         "cumulative_regret": "Σ over cycles and active users of E[utility] of the ideal policy's slate minus "
                              "that of the served slate, both under the choice model's probabilities",
@@ -57,10 +60,11 @@ class BanditMetrics(MetricComponent):
 
     def compute(self, rec):
         exclude = None if rec.repeat_consumption else _Before(rec.history, rec)
-        served = expected_utility_and_reward(rec.choice_probabilities, rec.world, rec.users, rec.slates)
+        w = rec.truth_at_serve if rec.truth_at_serve is not None else rec.world
+        served = expected_utility_and_reward(rec.choice_probabilities, w, rec.users, rec.slates)
         if served is None or not len(rec.users):
             return []
-        w, k, n = rec.world, rec.slates.shape[1], rec.world.items.n
+        k, n = rec.slates.shape[1], w.items.n
         ideal, _ = rec.engine.topk_factors(rec.users, k, w.users.prefs, w.items.attrs[:n], exclude=exclude)
         best = expected_utility_and_reward(rec.choice_probabilities, w, rec.users, ideal)
         key = derive_key(self.seed, "metric.bandit.random", rec.step)

@@ -444,6 +444,9 @@ class CycleRecord:
     choice_probs: np.ndarray | None = None  # (n, k+1) where the choice model has them (last: no click)
     #: the choice model's closed form ``(util (n, k), valid) -> (n, k+1)`` probabilities, where it has one
     choice_probabilities: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None
+    #: the world with the preferences users had when served (before the advance phase moved them), for a
+    #: metric with ``needs_serve_time_truth = True``; None otherwise
+    truth_at_serve: Any = None
     reports: tuple[Report, ...] = ()  # data committed by stages at the last retrain
     stages: tuple[StageReport, ...] = ()  # the stages' accounts of their last round
     services: Mapping[str, Any] = field(default_factory=dict)  # the run's shared services (LLM)

@@ -1,10 +1,11 @@
 """Ridge-regression state of the linear bandits (E-LINUCB, E-LINTS, E-EPS): A = λI + Σ x xᵀ, b = Σ r x,
 θ̂ = A⁻¹ b, kept as A⁻¹ (float64) per user or shared, and updated in batches.
 
-A batch of m observations X (m × d) with rewards r updates A⁻¹ by Woodbury,
-A⁻¹ ← A⁻¹ − A⁻¹Xᵀ (I + X A⁻¹ Xᵀ)⁻¹ X A⁻¹, in O(m d² + m² d + m³) — the same matrix (to float rounding) as
-m Sherman–Morrison updates one at a time (tested). Users are batched by their number of observations,
-so a cycle's update is a few stacked matrix products rather than a Python loop over users.
+A batch of m observations X (m × d) with rewards r adds XᵀX to A and updates A⁻¹ by Woodbury,
+A⁻¹ ← A⁻¹ − A⁻¹Xᵀ (I + X A⁻¹ Xᵀ)⁻¹ X A⁻¹, in O(m d² + m² d + m³), or, when m ≥ d (the shared model gets
+every user's observations), by inverting the updated A, in O(m d² + d³) — the same matrix (to float
+rounding) as m Sherman–Morrison updates one at a time (tested). Users are batched by their number of
+observations, so a cycle's update is a few stacked matrix products rather than a Python loop over users.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class RidgeState:
     def __init__(self, dim: int, lam: float, rows: int = 0):
         self.dim = int(dim)
         self.lam = float(lam)
+        self.a = np.zeros((0, dim, dim))
         self.a_inv = np.zeros((0, dim, dim))
         self.b = np.zeros((0, dim))
         self.theta = np.zeros((0, dim))
@@ -45,8 +47,9 @@ class RidgeState:
         if rows <= have:
             return
         extra = rows - have
-        eye = np.broadcast_to(np.eye(self.dim) / self.lam, (extra, self.dim, self.dim))
-        self.a_inv = np.concatenate([self.a_inv, eye])
+        eye = np.broadcast_to(np.eye(self.dim), (extra, self.dim, self.dim))
+        self.a = np.concatenate([self.a, eye * self.lam])
+        self.a_inv = np.concatenate([self.a_inv, eye / self.lam])
         self.b = np.concatenate([self.b, np.zeros((extra, self.dim))])
         self.theta = np.concatenate([self.theta, np.zeros((extra, self.dim))])
         self.n_obs = np.concatenate([self.n_obs, np.zeros(extra, np.int64)])
@@ -63,19 +66,26 @@ class RidgeState:
         np.add.at(self.b, rows, x * r[:, None])
         for m in np.unique(count):
             sel = count == m
-            idx = start[sel][:, None] + np.arange(m)[None, :]
             who = uniq[sel]
+            if m >= self.dim:  # many observations for one row: invert the updated A
+                for row, lo in zip(who.tolist(), start[sel].tolist()):
+                    xs = x[lo: lo + m]
+                    self.a[row] += xs.T @ xs
+                    self.a_inv[row] = np.linalg.inv(self.a[row])
+                continue
+            idx = start[sel][:, None] + np.arange(m)[None, :]
+            self.a[who] += np.swapaxes(x[idx], 1, 2) @ x[idx]
             self.a_inv[who] = woodbury_update(self.a_inv[who], x[idx])
         self.n_obs[uniq] += count
         self.theta[uniq] = np.einsum("nde,ne->nd", self.a_inv[uniq], self.b[uniq])
 
     def state_dict(self) -> dict:
-        return {"dim": self.dim, "lam": self.lam, "a_inv": self.a_inv, "b": self.b, "theta": self.theta,
-                "n_obs": self.n_obs}
+        return {"dim": self.dim, "lam": self.lam, "a": self.a, "a_inv": self.a_inv, "b": self.b,
+                "theta": self.theta, "n_obs": self.n_obs}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> RidgeState:
         s = cls(int(state["dim"]), float(state["lam"]))
-        s.a_inv, s.b = np.array(state["a_inv"]), np.array(state["b"])
+        s.a, s.a_inv, s.b = np.array(state["a"]), np.array(state["a_inv"]), np.array(state["b"])
         s.theta, s.n_obs = np.array(state["theta"]), np.array(state["n_obs"])
         return s

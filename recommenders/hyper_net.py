@@ -29,15 +29,16 @@ def _one_thread(torch):
 
 
 class HyperNet:
-    """h_ψ: time features (2) → Θ ∈ R^{(d + d_l) × d}. Starts at Θ = [I; 0] (content filtering) with a small
-    random perturbation, seeded from the run seed; Adam keeps its state across refits."""
+    """h_ψ: time features (2) → Θ ∈ R^{(d + d_l) × d_u} (d item features, d_l latent, d_u user features).
+    Starts at Θ = [I 0; 0 0] (content filtering) with a small random perturbation, seeded from the run
+    seed; Adam keeps its state across refits."""
 
-    def __init__(self, d: int, latent: int, hidden: list[int], lr: float, seed: int):
+    def __init__(self, d: int, latent: int, d_user: int, hidden: list[int], lr: float, seed: int):
         import torch
 
         self.torch = torch
-        self.d, self.dl = int(d), int(latent)
-        widths = [2, *hidden, (self.d + self.dl) * self.d]
+        self.d, self.dl, self.du = int(d), int(latent), int(d_user)
+        widths = [2, *hidden, (self.d + self.dl) * self.du]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed) % (2**63))
             layers: list = []
@@ -47,7 +48,9 @@ class HyperNet:
             last = self.mlp[-1]
             with torch.no_grad():
                 last.weight.mul_(0.01)
-                start = np.concatenate([np.eye(self.d), np.zeros((self.dl, self.d))]).ravel()
+                start = np.eye(self.d + self.dl, self.du)
+                start[self.d:] = 0.0
+                start = start.ravel()
                 last.bias.copy_(torch.from_numpy(start))
         self.opt = torch.optim.Adam(self.mlp.parameters(), lr=lr)
 
@@ -56,7 +59,7 @@ class HyperNet:
         torch = self.torch
         with torch.no_grad(), _one_thread(torch):
             out = self.mlp(torch.from_numpy(np.asarray(time_features, np.float64)[None]))
-        return out.numpy().reshape(self.d + self.dl, self.d)
+        return out.numpy().reshape(self.d + self.dl, self.du)
 
     def refit(self, events, X: np.ndarray, epochs: int, batch: int, rng: np.random.Generator) -> float:
         """ListNet on the events: ŝ_j = x_jᵀΘ_O(τ)u over each shown slate, the clicked item labelled 3.
@@ -74,7 +77,7 @@ class HyperNet:
             for _ in range(epochs):
                 for idx in np.array_split(rng.permutation(len(events)), max(1, -(-len(events) // batch))):
                     i = torch.from_numpy(idx)
-                    theta = self.mlp(time[i]).reshape(len(idx), self.d + self.dl, self.d)[:, : self.d]
+                    theta = self.mlp(time[i]).reshape(len(idx), self.d + self.dl, self.du)[:, : self.d]
                     a = torch.einsum("nde,ne->nd", theta, prof[i])
                     s = torch.einsum("nkd,nd->nk", Xt[slate[i].clamp(min=0)], a)
                     loss = -(target[i] * torch.log_softmax(s, dim=1)).sum() / len(idx)

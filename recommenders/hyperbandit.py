@@ -6,7 +6,8 @@ to the parameter matrix of a factor-UCB bandit.
 * h_ψ: an MLP (``hidden`` widths, ReLU; the code's nine 256–1024-wide layers are scaled down for CPU
   loops) from the time features to Θ(τ) ∈ R^{(d_o + d_l) × d_u}; time only, as the code's default.
 * Scores: r̂_ui = [x_i^o ; v_i]ᵀ Θ(τ) u_u with x_i^o the item's observable attributes (d_o = world dim),
-  u_u the user's content profile (d_u = d_o; the code uses PCA-25 user embeddings) and v_i a latent item
+  u_u = [p_u ; 1] the user's content profile with an intercept (d_u = d_o + 1; the code uses PCA-25 user
+  embeddings; the intercept lets a time-only Θ(τ) express a shift that every user shares) and v_i a latent item
   vector (d_l = ``latent``) learned online: p = Θ_L u, Φ_i ← γΦ_i + ppᵀ, b_i ← γb_i + p(r − (Θ_O u)ᵀx_i^o),
   Ψ_i = Φ_i + λI, v_i = Ψ_i⁻¹b_i; UCB = r̂ + α√(pᵀΨ_i⁻¹p), α = λ = 0.1, γ = 0.99. The bonus is exact and
   costs one product with d_l² columns ((p ⊗ p)·vec Ψ_i⁻¹).
@@ -83,7 +84,7 @@ class HyperBandit(Policy):
     def _ensure(self, view) -> None:
         d, dl = view.items.dim, self.params.latent
         if self.net is None:
-            self.net = HyperNet(d, dl, list(self.params.hidden), self.params.lr, self.context.seed)
+            self.net = HyperNet(d, dl, d + 1, list(self.params.hidden), self.params.lr, self.context.seed)
         n_users = max(len(self.counts), view.users.capacity)
         if self.sums.shape != (n_users, d):
             self.sums, self.counts = _grow_profiles(self.sums, self.counts, n_users, d)
@@ -99,6 +100,11 @@ class HyperBandit(Policy):
         w = np.float32(self.params.prior_weight)
         mean = self.sums.sum(0) / max(float(self.counts.sum()), 1.0)
         return ((self.sums[users] + w * mean) / (self.counts[users] + w)[:, None]).astype(np.float64)
+
+    def _user_features(self, users: np.ndarray) -> np.ndarray:
+        """u = [content profile ; 1]."""
+        p = self._profiles(users)
+        return np.concatenate([p, np.ones((len(p), 1))], axis=1)
 
     def _latent(self, n_items: int) -> tuple[np.ndarray, np.ndarray]:
         """(v_i, Ψ_i⁻¹) for the current catalog."""
@@ -162,12 +168,12 @@ class HyperBandit(Policy):
             return
         theta = self.net.theta(polar_time(feedback.step))
         d = view.items.dim
-        u = self._profiles(users)
+        u = self._user_features(users)
         p = u @ theta[d:].T  # Θ_L u
         resid = rewards - np.einsum("nd,nd->n", u @ theta[:d].T, np.asarray(view.items.attrs[items], np.float64))
         _decayed_update(self.phi, self.bvec, items, p, resid, self.params.decay)
         clicked = feedback.chosen_pos >= 0
-        self.events.add(feedback.step, self._profiles(feedback.users[clicked]), feedback.slates[clicked],
+        self.events.add(feedback.step, self._user_features(feedback.users[clicked]), feedback.slates[clicked],
                         feedback.chosen_pos[clicked], self.params.window)
         hit = rewards > 0
         np.add.at(self.sums, users[hit], np.asarray(view.items.attrs[items[hit]], np.float32))
@@ -184,7 +190,7 @@ class HyperBandit(Policy):
         alpha = np.float32(self.params.alpha)
 
         def score(ids):
-            u = self._profiles(np.asarray(ids, np.int64))
+            u = self._user_features(np.asarray(ids, np.int64))
             w = (u @ theta.T).astype(np.float32)  # [Θ_O u ; Θ_L u]
             p = w[:, d:]
             s = w @ items.T
@@ -205,7 +211,7 @@ class HyperBandit(Policy):
         p = self.params
         if state["net"] is not None:
             d = np.asarray(state["sums"]).shape[1]
-            self.net = HyperNet(d, p.latent, list(p.hidden), p.lr, self.context.seed)
+            self.net = HyperNet(d, p.latent, d + 1, list(p.hidden), p.lr, self.context.seed)
             self.net.load_state_dict(state["net"])
         self.sums, self.counts = np.array(state["sums"]), np.array(state["counts"])
         self.phi, self.bvec = np.array(state["phi"]), np.array(state["bvec"])

@@ -7,6 +7,8 @@ Metric components are built by name from the registry (``metrics.include``: ids 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from recloop import registry
@@ -36,6 +38,14 @@ class MetricSuite:
         n = context.view.truth.users.n
         rng = component_rng(context.seed, "metric.users")
         self.sample = np.sort(rng.choice(n, size=min(n, config.user_sample), replace=False)).astype(np.int64)
+
+    def serve_time_truth(self, world, measured: bool):
+        """The world as the users' tastes were when the slates were served — a copy of the preferences,
+        taken before the advance phase moves them — when a metric asks for it (``needs_serve_time_truth``)
+        and the cycle is measured; else None."""
+        if not measured or not any(getattr(c, "needs_serve_time_truth", False) for c in self.components):
+            return None
+        return dataclasses.replace(world, users=dataclasses.replace(world.users, prefs=world.users.prefs.copy()))
 
     def user_sample(self, active: np.ndarray) -> np.ndarray:
         """The fixed user sample, restricted to users active this cycle (``active`` is sorted)."""

@@ -147,9 +147,10 @@ class FeedbackLoop(mesa.Model):
         response, slates, pop_before = self.serve_and_respond(t, active)
         t0 = time.perf_counter()
         consumed = self.commit_consumption(t, response)
+        served_truth = self.metrics.serve_time_truth(self.world, measured=t % sc.metrics.every == 0)
         self.advancers.do("advance", response, t)
         self.history.ensure_users(self.world.users.n)
-        record = self.record(t, slates, response, consumed, pop_before)
+        record = self.record(t, slates, response, consumed, pop_before, served_truth)
         self.platform.observe(record.feedback)
         self.timings["update"].append(time.perf_counter() - t0)
         rows = self.measure(record) if t % sc.metrics.every == 0 else []
@@ -188,7 +189,7 @@ class FeedbackLoop(mesa.Model):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate([u for u, _ in pairs]), np.concatenate([i for _, i in pairs])
 
-    def record(self, t: int, slates, response: Response, consumed, pop_before) -> CycleRecord:
+    def record(self, t: int, slates, response: Response, consumed, pop_before, served_truth=None) -> CycleRecord:
         """The frozen record of the cycle, for the online policy and the metrics."""
         measured = t % self.scenario.metrics.every == 0
         policy_view = self.platform.view
@@ -203,6 +204,7 @@ class FeedbackLoop(mesa.Model):
             policy=PolicyProbe(self.policy, policy_view), engine=self.engine,
             repeat_consumption=self.scenario.users.repeat_consumption, choice_probs=response.choice_probs,
             choice_probabilities=getattr(self.users_agent.choice, "probabilities", None),
+            truth_at_serve=served_truth,
             reports=reports,
             stages=PolicyProbe(self.policy, policy_view).stage_reports() if measured else (),
             platform=PlatformView(self, ground_truth=True, who="a metric"),

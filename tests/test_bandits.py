@@ -65,6 +65,12 @@ def test_batched_updates_equal_one_at_a_time():
     for u in range(users):
         np.testing.assert_allclose(s.a_inv[u], ref_inv[u], atol=1e-12)
         np.testing.assert_allclose(s.theta[u], ref_inv[u] @ ref_b[u], atol=1e-12)
+    shared = RidgeState(d, 0.5, 1)  # one row, more observations than dimensions: the inverse of A is taken
+    shared.update(np.zeros(60, np.int64), x, r)
+    ref = np.eye(d) / 0.5
+    for j in range(60):
+        ref = sherman_morrison_update(ref, x[j])
+    np.testing.assert_allclose(shared.a_inv[0], ref, atol=1e-12)
     A = 0.5 * np.eye(d) + x[:7].T @ x[:7]
     np.testing.assert_allclose(woodbury_update((np.eye(d) / 0.5)[None], x[None, :7])[0], np.linalg.inv(A),
                                atol=1e-12)

@@ -49,7 +49,7 @@ def test_refit_lowers_the_listnet_loss():
     slates = np.stack([rng.choice(30, k, replace=False) for _ in range(n)])
     best = np.argmin(np.einsum("nkd,nd->nk", X[slates], prof), axis=1)  # clicks follow −<x, u>: Θ = −I
     ev.add(0, prof, slates, best, 1000)
-    net = HyperNet(d, 0, [8], 1e-2, seed=3)
+    net = HyperNet(d, 0, d, [8], 1e-2, seed=3)
     first = net.refit(ev, X, 1, 50, np.random.default_rng(0))
     last = net.refit(ev, X, 30, 50, np.random.default_rng(0))
     assert last < 0.8 * first
@@ -81,7 +81,7 @@ def test_without_latent_part_the_score_is_linear_in_theta():
     pol, view = m.policy, m.platform.view
     users = np.arange(10)
     theta = pol.net.theta(polar_time(0))
-    want = pol._profiles(users) @ theta.T @ np.asarray(view.items.attrs[: view.items.n], np.float64).T
+    want = pol._user_features(users) @ theta.T @ np.asarray(view.items.attrs[: view.items.n], np.float64).T
     slates, scores = pol.recommend(users, 3, view, step=0)
     np.testing.assert_allclose(scores, np.take_along_axis(want, slates, 1), rtol=1e-5)
 
