@@ -44,6 +44,7 @@ CASES: dict[str, dict] = {
     "llm-roles": {},
     "echotrace-ml100k": {},
     "echotrace-ml100k-behavioural": {},
+    "familiarity": {},
     "bandits": {},
 }
 LEFT_OUT = {"llm-roles-real", "echotrace-ml100k-real"}
