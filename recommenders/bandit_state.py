@@ -79,6 +79,18 @@ class RidgeState:
         self.n_obs[uniq] += count
         self.theta[uniq] = np.einsum("nde,ne->nd", self.a_inv[uniq], self.b[uniq])
 
+    def accumulate(self, row: int, x: np.ndarray, r: np.ndarray) -> None:
+        """Add a block of observations to one row's A and b without inverting (call :meth:`solve` after the
+        last block): the shared model takes a cycle's observations in bounded-memory blocks."""
+        self.a[row] += x.T @ x
+        self.b[row] += x.T @ r
+        self.n_obs[row] += len(x)
+
+    def solve(self, row: int) -> None:
+        """A⁻¹ and θ̂ of ``row`` from its accumulated A and b."""
+        self.a_inv[row] = np.linalg.inv(self.a[row])
+        self.theta[row] = self.a_inv[row] @ self.b[row]
+
     def state_dict(self) -> dict:
         return {"dim": self.dim, "lam": self.lam, "a": self.a, "a_inv": self.a_inv, "b": self.b,
                 "theta": self.theta, "n_obs": self.n_obs}

@@ -31,10 +31,12 @@ from recloop.rng import derive_key, hash_u64, hash_uniform
 from recloop.sim.backends import exclusion_csr
 
 from .bandit_state import RidgeState
-from .bandit_ucb import ucb_tile
+from .bandit_ucb import quadratic_features, ucb_tile
 from .base import Policy
 
 __all__ = ["EpsilonGreedy", "LinTS", "LinUCB"]
+
+BLOCK = 65_536  #: observations per block of the shared model's update
 
 
 class _LinearBandit(Policy):
@@ -108,8 +110,13 @@ class _LinearBandit(Policy):
     def _observe(self, users, items, rewards, view) -> None:
         if not len(users):
             return
-        rows = np.zeros(len(users), np.int64) if self.shared else users
-        self.state.update(rows, self._features(users, items, view), rewards)
+        if self.shared:  # one model: A and b accumulate block by block (memory bounded by the block)
+            for lo in range(0, len(users), BLOCK):
+                sl = slice(lo, lo + BLOCK)
+                self.state.accumulate(0, self._features(users[sl], items[sl], view), rewards[sl])
+            self.state.solve(0)
+        else:
+            self.state.update(users, self._features(users, items, view), rewards)
         if self.shared:  # profiles move after the observation that used them
             hit = rewards > 0
             np.add.at(self.sums, users[hit], np.asarray(view.items.attrs[items[hit]], np.float32))
@@ -188,12 +195,18 @@ class LinUCB(_LinearBandit):
         X64 = X.astype(np.float64)
         norms2 = np.einsum("id,id->i", X64, X64)
         alpha, dirs = float(self.params.alpha), int(self.params.directions)
+        seen = {"rows": 0, "full": 0}  # this call's tiles so far, in user order (so chunking cannot matter)
+        phi = quadratic_features(X64)
 
         def score(ids):
             ids = np.asarray(ids, np.int64)
             mean = self._means(ids) @ X.T
-            return ucb_tile(mean, self._bonus_matrices(ids), X64, norms2, alpha, k, exclusion_csr(exclude, ids),
-                            dirs)
+            prune = seen["rows"] < 2 * len(ids) or seen["full"] < 0.75 * seen["rows"]
+            out, full = ucb_tile(mean, self._bonus_matrices(ids), X64, norms2, alpha, k,
+                                 exclusion_csr(exclude, ids), dirs, prune, phi)
+            seen["rows"] += len(ids)
+            seen["full"] += full
+            return out
 
         return engine.topk(users, k, n, score, exclude=exclude, on_chunk=on_chunk)
 

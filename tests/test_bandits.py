@@ -76,6 +76,12 @@ def test_batched_updates_equal_one_at_a_time():
                                atol=1e-12)
 
 
+def full_scores(mean, S, X, alpha, excl):
+    full = mean + alpha * np.sqrt(np.einsum("id,nde,ie->ni", X, S, X))
+    full[np.repeat(np.arange(len(mean)), np.diff(excl[0])), excl[1]] = -np.inf
+    return full
+
+
 @pytest.mark.parametrize("directions", [0, 1, 2, 6])
 def test_pruned_ucb_equals_the_exhaustive_top_k(directions):
     rng = np.random.default_rng(directions)
@@ -86,10 +92,12 @@ def test_pruned_ucb_equals_the_exhaustive_top_k(directions):
     mean = (rng.normal(size=(n, d)) @ X.T).astype(np.float32)
     ptr = np.arange(0, 3 * n + 1, 3)
     excl = (ptr, rng.integers(0, n_items, 3 * n))
-    got = ucb_tile(mean, S, X, np.einsum("id,id->i", X, X), alpha, k, excl, directions)
-    full = mean + alpha * np.sqrt(np.einsum("id,nde,ie->ni", X, S, X))
-    rows = np.repeat(np.arange(n), 3)
-    full[rows, excl[1]] = -np.inf
+    got, _ = ucb_tile(mean, S, X, np.einsum("id,id->i", X, X), alpha, k, excl, directions)
+    whole, n_full = ucb_tile(mean, S, X, np.einsum("id,id->i", X, X), alpha, k, excl, directions, prune=False)
+    assert n_full == n
+    np.testing.assert_array_equal(np.argsort(-whole, axis=1, kind="stable")[:, :k],
+                                  np.argsort(-full_scores(mean, S, X, alpha, excl), axis=1, kind="stable")[:, :k])
+    full = full_scores(mean, S, X, alpha, excl)
     want = np.argsort(-full, axis=1, kind="stable")[:, :k]
     top = np.argsort(-got, axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(top, want)
