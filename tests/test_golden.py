@@ -46,6 +46,7 @@ CASES: dict[str, dict] = {
     "echotrace-ml100k-behavioural": {},
     "familiarity": {},
     "bandits": {},
+    "bandits-timevar": {},
 }
 LEFT_OUT = {"llm-roles-real", "echotrace-ml100k-real"}
 
