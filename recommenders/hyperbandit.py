@@ -6,8 +6,10 @@ to the parameter matrix of a factor-UCB bandit.
 * h_ψ: an MLP (``hidden`` widths, ReLU; the code's nine 256–1024-wide layers are scaled down for CPU
   loops) from the time features to Θ(τ) ∈ R^{(d_o + d_l) × d_u}; time only, as the code's default.
 * Scores: r̂_ui = [x_i^o ; v_i]ᵀ Θ(τ) u_u with x_i^o the item's observable attributes (d_o = world dim),
-  u_u = [p_u ; 1] the user's content profile with an intercept (d_u = d_o + 1; the code uses PCA-25 user
-  embeddings; the intercept lets a time-only Θ(τ) express a shift that every user shares) and v_i a latent item
+  u_u = [θ̂_u ; 1]: the user's ridge estimate over item attributes learned from its feedback (as
+  LinUCB's; ``user_features: profile`` takes its content profile instead), with an intercept (d_u =
+  d_o + 1; the code uses fixed PCA-25 user embeddings; the intercept lets a time-only Θ(τ) express a
+  shift that every user shares), and v_i a latent item
   vector (d_l = ``latent``) learned online: p = Θ_L u, Φ_i ← γΦ_i + ppᵀ, b_i ← γb_i + p(r − (Θ_O u)ᵀx_i^o),
   Ψ_i = Φ_i + λI, v_i = Ψ_i⁻¹b_i; UCB = r̂ + α√(pᵀΨ_i⁻¹p), α = λ = 0.1, γ = 0.99. The bonus is exact and
   costs one product with d_l² columns ((p ⊗ p)·vec Ψ_i⁻¹).
@@ -27,6 +29,8 @@ not depend on the thread budget.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from pydantic import Field
 
@@ -36,6 +40,7 @@ from recloop.limits import MAX_DIM, MAX_ITERATIONS, MAX_SAMPLE
 from recloop.registry import Params, register
 from recloop.rng import component_rng
 
+from .bandit_state import RidgeState
 from .bandits import observations
 from .base import Policy
 from .hyper_net import HyperNet, polar_time
@@ -68,6 +73,10 @@ class HyperBandit(Policy):
         lr: float = Field(1e-3, gt=0, description="Adam learning rate")
         batch: int = Field(100, ge=1, le=MAX_SAMPLE, description="events per mini-batch")
         prior_weight: float = Field(1.0, ge=0, description="pseudo-count of the mean content profile")
+        user_features: Literal["ridge", "profile"] = Field(
+            "ridge", description="u: each user's ridge estimate over item attributes (learned from its "
+                                 "feedback, as LinUCB's θ̂_u), or its content profile")
+        user_lam: float = Field(1.0, gt=0, description="ridge prior of the user estimates")
         llm_warm_start: WarmStart | None = Field(None, description="draw LLM interactions before the first cycle")
 
     def __init__(self, params=None):
@@ -79,6 +88,7 @@ class HyperBandit(Policy):
         self.bvec = np.zeros((0, 0))
         self.events = _Events()
         self.refits = 0
+        self.ridge: RidgeState | None = None
 
     # -- state ---------------------------------------------------------------------------------------
     def _ensure(self, view) -> None:
@@ -88,6 +98,9 @@ class HyperBandit(Policy):
         n_users = max(len(self.counts), view.users.capacity)
         if self.sums.shape != (n_users, d):
             self.sums, self.counts = _grow_profiles(self.sums, self.counts, n_users, d)
+        if self.ridge is None:
+            self.ridge = RidgeState(d, self.params.user_lam)
+        self.ridge.grow(n_users)
         n_items = view.items.n
         if self.bvec.shape[1:] != (dl,):
             self.phi, self.bvec = np.zeros((0, dl, dl)), np.zeros((0, dl))
@@ -102,8 +115,8 @@ class HyperBandit(Policy):
         return ((self.sums[users] + w * mean) / (self.counts[users] + w)[:, None]).astype(np.float64)
 
     def _user_features(self, users: np.ndarray) -> np.ndarray:
-        """u = [content profile ; 1]."""
-        p = self._profiles(users)
+        """u = [the user's ridge estimate (or content profile) ; 1]."""
+        p = self.ridge.theta[users] if self.params.user_features == "ridge" else self._profiles(users)
         return np.concatenate([p, np.ones((len(p), 1))], axis=1)
 
     def _latent(self, n_items: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,6 +162,8 @@ class HyperBandit(Policy):
         real = ~synthetic
         np.add.at(self.sums, users[real], np.asarray(view.items.attrs[items[real]], np.float32))
         self.counts += np.bincount(users[real], minlength=len(self.counts)).astype(np.float32)
+        self.ridge.update(users[real], np.asarray(view.items.attrs[items[real]], np.float64),
+                          np.ones(int(real.sum())))
 
     def _synthetic_events(self, users, items, view, rng) -> None:
         k, n = 5, view.items.n
@@ -178,6 +193,7 @@ class HyperBandit(Policy):
         hit = rewards > 0
         np.add.at(self.sums, users[hit], np.asarray(view.items.attrs[items[hit]], np.float32))
         self.counts += np.bincount(users[hit], minlength=len(self.counts)).astype(np.float32)
+        self.ridge.update(users, np.asarray(view.items.attrs[items], np.float64), rewards)
 
     # -- scoring ---------------------------------------------------------------------------------------
     def recommend(self, users, k, view, *, exclude=None, step=0, engine=None, on_chunk=None):
@@ -205,6 +221,7 @@ class HyperBandit(Policy):
     def state_dict(self) -> dict:
         return {"net": None if self.net is None else self.net.state_dict(), "sums": self.sums,
                 "counts": self.counts, "phi": self.phi, "bvec": self.bvec, "events": self.events.state_dict(),
+                "ridge": None if self.ridge is None else self.ridge.state_dict(),
                 "refits": self.refits}
 
     def load_state_dict(self, state: dict) -> None:
@@ -216,6 +233,7 @@ class HyperBandit(Policy):
         self.sums, self.counts = np.array(state["sums"]), np.array(state["counts"])
         self.phi, self.bvec = np.array(state["phi"]), np.array(state["bvec"])
         self.events = _Events.from_state_dict(state["events"])
+        self.ridge = None if state["ridge"] is None else RidgeState.from_state_dict(state["ridge"])
         self.refits = int(state["refits"])
 
 
