@@ -61,9 +61,21 @@ class HyperNet:
             out = self.mlp(torch.from_numpy(np.asarray(time_features, np.float64)[None]))
         return out.numpy().reshape(self.d + self.dl, self.du)
 
-    def refit(self, events, X: np.ndarray, epochs: int, batch: int, rng: np.random.Generator) -> float:
-        """ListNet on the events: ŝ_j = x_jᵀΘ_O(τ)u over each shown slate, the clicked item labelled 3.
-        Returns the last mini-batch's loss."""
+    def _batch_loss(self, idx, time, prof, slate, target, Xt):
+        """ListNet loss of events ``idx``: −Σ softmax(y)·log softmax(ŝ), ŝ_j = x_jᵀΘ_O(τ)u, per event."""
+        torch = self.torch
+        i = torch.from_numpy(np.asarray(idx))
+        theta = self.mlp(time[i]).reshape(len(idx), self.d + self.dl, self.du)[:, : self.d]
+        a = torch.einsum("nde,ne->nd", theta, prof[i])
+        s = torch.einsum("nkd,nd->nk", Xt[slate[i].clamp(min=0)], a)
+        return -(target[i] * torch.log_softmax(s, dim=1)).sum() / len(idx)
+
+    def refit(self, events, X: np.ndarray, epochs: int, batch: int, rng: np.random.Generator,
+              holdout: float = 0.2) -> float:
+        """ListNet on the events (the clicked item labelled 3), with early stopping at patience 1 as in the
+        code: the most recent ``holdout`` share of the window is held out, and the weights of the epoch with
+        the lowest held-out loss are kept (the weights before the refit when no epoch improves on them).
+        Returns the kept held-out loss."""
         torch = self.torch
         Xt = torch.from_numpy(np.asarray(X, np.float64))
         time = torch.from_numpy(polar_time(events.day))
@@ -72,19 +84,30 @@ class HyperNet:
         labels = torch.zeros(slate.shape, dtype=torch.float64)
         labels[torch.arange(len(events)), torch.from_numpy(events.pos)] = 3.0
         target = torch.softmax(labels, dim=1)
-        loss = torch.zeros(())
+        n_val = int(len(events) * holdout) if len(events) >= 10 else 0
+        train, val = np.arange(len(events) - n_val), np.arange(len(events) - n_val, len(events))
+        data = (time, prof, slate, target, Xt)
         with _one_thread(torch):
+            best = self._held_out(val, data)
+            kept = {k: v.clone() for k, v in self.mlp.state_dict().items()}
             for _ in range(epochs):
-                for idx in np.array_split(rng.permutation(len(events)), max(1, -(-len(events) // batch))):
-                    i = torch.from_numpy(idx)
-                    theta = self.mlp(time[i]).reshape(len(idx), self.d + self.dl, self.du)[:, : self.d]
-                    a = torch.einsum("nde,ne->nd", theta, prof[i])
-                    s = torch.einsum("nkd,nd->nk", Xt[slate[i].clamp(min=0)], a)
-                    loss = -(target[i] * torch.log_softmax(s, dim=1)).sum() / len(idx)
+                for idx in np.array_split(rng.permutation(train), max(1, -(-len(train) // batch))):
+                    loss = self._batch_loss(idx, *data)
                     self.opt.zero_grad()
                     loss.backward()
                     self.opt.step()
-        return float(loss.detach())
+                now = self._held_out(val, data)
+                if now >= best:
+                    break  # patience 1
+                best, kept = now, {k: v.clone() for k, v in self.mlp.state_dict().items()}
+            self.mlp.load_state_dict(kept)
+        return best
+
+    def _held_out(self, val: np.ndarray, data) -> float:
+        if not len(val):
+            return float("inf")
+        with self.torch.no_grad():
+            return float(self._batch_loss(val, *data))
 
     def state_dict(self) -> dict:
         """Weights and Adam's moments as arrays (the safe checkpoint format)."""

@@ -15,7 +15,8 @@ to the parameter matrix of a factor-UCB bandit.
   costs one product with d_l² columns ((p ⊗ p)·vec Ψ_i⁻¹).
 * Refit of h_ψ on the retrain schedule, on the last ``window`` events with a click: ListNet over the shown
   slate (the code's pool; the clicked item labelled 3, the others 0), ŝ_j = x_jᵀΘ_O(τ)u, Adam, mini-batches
-  of 100, ``epochs`` passes, weights kept across refits. Slates without a click carry no listwise signal
+  of 100, at most ``epochs`` passes with early stopping at patience 1 on the most recent 20 % of the
+  window (the code stops early too), weights kept across refits. Slates without a click carry no listwise signal
   and are skipped (the code labels a wrong pick −1; there is no pick without a click here).
 * ``llm_warm_start: {interactions: N}`` (HyperBandit+'s LLM Start): before the first cycle, N synthetic
   interactions drawn from the run's LLM service (the registered ``llm_interactions`` service: the
