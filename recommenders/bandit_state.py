@@ -81,8 +81,10 @@ class RidgeState:
 
     def accumulate(self, row: int, x: np.ndarray, r: np.ndarray) -> None:
         """Add a block of observations to one row's A and b without inverting (call :meth:`solve` after the
-        last block): the shared model takes a cycle's observations in bounded-memory blocks."""
-        self.a[row] += x.T @ x
+        last block): the shared model takes a cycle's observations in bounded-memory blocks. The block's
+        XᵀX is a float32 product, accumulated in float64 across blocks."""
+        x32 = np.ascontiguousarray(x, np.float32)
+        self.a[row] += x32.T @ x32
         self.b[row] += x.T @ r
         self.n_obs[row] += len(x)
 

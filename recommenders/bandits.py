@@ -28,6 +28,7 @@ from recloop.contracts import Feedback, TrainingData
 from recloop.limits import MAX_DIM
 from recloop.registry import Params, register
 from recloop.rng import derive_key, hash_u64, hash_uniform
+from recloop.sim import kernels
 from recloop.sim.backends import exclusion_csr
 
 from .bandit_state import RidgeState
@@ -86,8 +87,13 @@ class _LinearBandit(Policy):
 
     def _features(self, users: np.ndarray, items: np.ndarray, view) -> np.ndarray:
         """x for (user, item) pairs: the item's attributes, joined with the profile in shared mode."""
-        x = np.asarray(view.items.attrs[items], np.float64)
-        return np.concatenate([x, self._profiles(users) * x], axis=1) if self.shared else x
+        if not self.shared:
+            return np.asarray(view.items.attrs[items], np.float64)
+        d = view.items.dim  # shared: float32 blocks (its XᵀX is a float32 product)
+        out = np.empty((len(items), 2 * d), np.float32)
+        out[:, :d] = view.items.attrs[items]
+        np.multiply(self._profiles(users), out[:, :d], out=out[:, d:], casting="unsafe")
+        return out
 
     # -- learning ----------------------------------------------------------------------------------
     def fit(self, data: TrainingData, view, *, step, rng, warm_start):
@@ -212,7 +218,13 @@ class LinUCB(_LinearBandit):
 
 
 def _normals(key: np.uint64, users: np.ndarray, dim: int) -> np.ndarray:
-    """Standard normals indexed by (key, user, dimension) (Box–Muller on counter-based uniforms)."""
+    """Standard normals indexed by (key, user, dimension): Box–Muller on counter-based uniforms
+    (a Numba kernel; NumPy where Numba is missing)."""
+    users = np.asarray(users, np.int64)
+    if kernels.HAVE_NUMBA:
+        out = np.empty((len(users), dim))
+        kernels.hash_normals(np.uint64(key), users, dim, out)
+        return out
     j = np.arange(dim)[None, :]
     u1 = hash_uniform(key, users[:, None], 2 * j)
     u2 = hash_uniform(key, users[:, None], 2 * j + 1)

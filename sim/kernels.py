@@ -205,6 +205,20 @@ def hash_topk(key, users, n_items, k, ex_ptr, ex_idx, out_idx, out_val):
         _topk_one(row, k, ex_idx[ex_ptr[r]:ex_ptr[r + 1]], no_hint, out_val[r], out_idx[r])
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def hash_normals(key, users, dim, out):
+    """out[r, j] = a standard normal from hash_uniform(key, users[r], 2j) and (…, 2j + 1) by Box–Muller
+    (the uniforms bit-identical to recloop.rng.hash_uniform)."""
+    for r in numba.prange(users.shape[0]):
+        zu = _mix(key + _GOLDEN * (np.uint64(users[r]) + _ONE))
+        for j in range(dim):
+            h1 = _mix(zu ^ (np.uint64(2 * j) * _GOLDEN + _C2)) >> _S11
+            h2 = _mix(zu ^ (np.uint64(2 * j + 1) * _GOLDEN + _C2)) >> _S11
+            u1 = (np.float64(h1) + 0.5) * (1.0 / 9007199254740992.0)
+            u2 = (np.float64(h2) + 0.5) * (1.0 / 9007199254740992.0)
+            out[r, j] = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+
+
 # -- metrics -----------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True)
 def row_drift(A, ia, B, ib, cos_dist, angle, l2):
