@@ -3,9 +3,10 @@
 core (registry, errors, contracts, component, rng, limits) <- sim <- agents, recommenders, analysis
 <- llm <- CLI and the conformance kit. The contracts are in pyproject.toml ([tool.importlinter]).
 
-The repository maps its folders into the ``recloop`` namespace (``sim/`` is ``recloop.sim``), which
-import-linter cannot follow through an editable install; so the check runs on a copy of the package
-laid out as installed, built from ``[tool.setuptools] package-dir``.
+The repository maps its folders into the ``recloop`` namespace (``sim/`` is ``recloop.sim``); the
+``recloop/`` folder holds symbolic links to them (``recloop/sim -> ../sim``), so ``lint-imports`` run
+from the repository root sees the package as installed. The planted-import check runs on a copy laid out
+from ``[tool.setuptools] package-dir``.
 """
 
 from __future__ import annotations
@@ -38,15 +39,21 @@ def _installed_layout(dest: Path) -> Path:
 
 
 def _lint(tree: Path) -> subprocess.CompletedProcess:
+    """``lint-imports`` with the package found under ``tree`` (the repository root, or a copy)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
     return subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True,
                           timeout=300)
 
 
-def test_layers_and_no_cycles(tmp_path):
+def test_layers_and_no_cycles():
+    """What a developer runs: ``lint-imports`` in the repository root."""
     pytest.importorskip("importlinter")
-    out = _lint(_installed_layout(tmp_path))
+    for package in CONFIG["tool"]["setuptools"]["package-dir"]:
+        if package != "recloop":  # recloop/<sub> links to the folder the package maps it to
+            assert (ROOT / package.replace(".", "/")).resolve() == (ROOT / CONFIG["tool"]["setuptools"][
+                "package-dir"][package]).resolve(), package
+    out = _lint(ROOT)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "2 kept, 0 broken" in out.stdout
 
