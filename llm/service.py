@@ -174,8 +174,7 @@ class LLMService:
     @property
     def supports_loglik(self) -> bool:
         """Whether ``loglik`` is available (the surrogate has none: use a ``rank`` request instead)."""
-
-        return not isinstance(self.inner, SurrogateLLM)
+        return bool(self.inner.supports_loglik)
 
     def catalog_fingerprint(self) -> str:
         """A short hash of the current catalog titles (put in surrogate payloads so cache keys change

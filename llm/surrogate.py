@@ -123,6 +123,7 @@ class SurrogateLLM(LLMBackend):
 
     name = "surrogate"
     uses_payload = True
+    supports_loglik = False
     Params = SurrogateParams
 
     def __init__(

@@ -111,6 +111,9 @@ class LLMBackend(Component, abc.ABC):
 
     name: str = "base"
     uses_payload: bool = False
+    #: whether :meth:`loglik` can work; False means it raises NotImplementedError (roles then use
+    #: ``rank`` requests). A remote backend may still find its server refusing (LLMCapabilityError).
+    supports_loglik: bool = True
 
     @property
     @abc.abstractmethod

@@ -97,11 +97,20 @@ def _check_generation(name: str, backend: LLMBackend) -> None:
 
 
 def _check_loglik(name: str, backend: LLMBackend) -> None:
+    """A backend that declares no log-likelihoods (``supports_loglik = False``) must raise
+    NotImplementedError; one that declares them must return them, or (a remote backend) say with
+    LLMCapabilityError that its server refuses."""
     try:
         ll = backend.loglik(["The capital of France is"], [" Paris"])
-    except (NotImplementedError, LLMCapabilityError):
-        passed("loglik: not supported here, said with NotImplementedError or LLMCapabilityError")
+    except NotImplementedError:
+        assert not backend.supports_loglik, f"llm_backend {name}: declares supports_loglik but raised"
+        passed("loglik: declared unsupported, and raises NotImplementedError")
         return
+    except LLMCapabilityError:
+        assert backend.supports_loglik, f"llm_backend {name}: declares no loglik but raised LLMCapabilityError"
+        passed("loglik: the server refuses it, said with LLMCapabilityError")
+        return
+    assert backend.supports_loglik, f"llm_backend {name}: declares supports_loglik = False but returned values"
     assert len(ll) == 1 and all(isinstance(v, float) and math.isfinite(v) and v <= 0 for v in ll), \
         f"llm_backend {name}: loglik must return one finite log-probability <= 0 per prompt"
     passed("loglik: one finite log-probability per prompt")
