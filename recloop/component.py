@@ -26,7 +26,7 @@ from pydantic_core import core_schema
 
 from recloop import registry
 from recloop.contracts import BuildContext, Report, StageReport
-from recloop.errors import RecloopInputError
+from recloop.errors import RecloopInputError, did_you_mean
 from recloop.registry import Params
 
 __all__ = ["Child", "ChildType", "Component", "check_child"]
@@ -107,10 +107,18 @@ def check_child(kind: str, value: Any) -> dict:
         spec.params.model_validate(cfg)
     except Exception as exc:  # pydantic ValidationError → one line
         errs = getattr(exc, "errors", lambda: [])()
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs) or str(exc)
-        allowed = ", ".join(spec.params.model_fields)
-        raise ValueError(f"{kind} '{value['type']}': {detail} (allowed keys: {allowed or 'none'})") from None
+        fields = list(spec.params.model_fields)
+        detail = "; ".join(_child_error(e, fields) for e in errs) or str(exc)
+        raise ValueError(f"{kind} '{value['type']}': {detail} (allowed keys: {', '.join(fields) or 'none'})") from None
     return dict(value)
+
+
+def _child_error(err: dict, fields: list[str]) -> str:
+    """One error of a nested block: an unknown key gets the closest allowed one."""
+    where = ".".join(map(str, err["loc"]))
+    if err.get("type") == "extra_forbidden":
+        return f"'{where}' is not allowed here.{did_you_mean(str(err['loc'][-1]), fields)}"
+    return f"{where}: {err['msg']}"
 
 
 _IN_UNION: contextvars.ContextVar[frozenset] = contextvars.ContextVar("recloop_child_union", default=frozenset())

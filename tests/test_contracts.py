@@ -224,6 +224,8 @@ def test_nested_components_are_validated_at_their_full_key(write_yaml):
         "policy: {type: popularity}\nmetrics: {include: [{type: homogenization, pairz: 3}]}":
             ("metrics.include.0", "allowed keys: pairs"),
         "policy: {type: llm_augmented, base: {type: bprr}}": ("policy.base.type", "Did you mean 'bpr'"),
+        "policy: {type: pipeline, retrieval: {type: als}, reranker: {type: popularity_penalty, weigth: 1}}":
+            ("policy.reranker", "'weigth' is not allowed here. Did you mean 'weight'?"),
     }
     for body, (key, text) in cases.items():
         with pytest.raises(RecloopInputError) as err:
