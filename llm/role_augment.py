@@ -72,7 +72,10 @@ class LLMAugmented(Policy):
         )
         n: int = Field(10, ge=1, le=MAX_K, description="titles asked per user")
         candidates: int = Field(40, ge=1, le=MAX_K, description="candidate pool shown per user (unconsumed items)")
-        cold_share: float = Field(0.3, ge=0.0, le=1.0, description="share of the pool drawn from cold items")
+        candidates_from: Literal["base", "random"] = Field(
+            "base", description="base: the base policy's top unconsumed items, in its order (LLMRec); random: a "
+                                "random draw of unconsumed items with cold_share cold ones")
+        cold_share: float = Field(0.3, ge=0.0, le=1.0, description="share of a random pool drawn from cold items")
         history_len: int = Field(10, ge=0, le=MAX_K, description="history titles shown per user (a seeded sample)")
         unmatched: Literal["drop", "phantom"] = Field(
             "drop", description="unmatched titles: dropped, or entered as phantom catalog items"
@@ -151,6 +154,20 @@ class LLMAugmented(Policy):
         self.n_fits += 1
         self.base.fit(data, world, step=step, rng=rng, warm_start=warm_start)
 
+    def _pools(self, view, users, real_ids, cold_pool, rng, step: int) -> list[np.ndarray]:
+        """Each asked user's candidate pool. ``base`` (LLMRec): the base policy's top ``candidates``
+        unconsumed real items, ranked (before the first fit the base is first trained on the log as it
+        stands); ``random``: :func:`candidate_pools`."""
+        p = self.params
+        if p.candidates_from == "random":
+            return candidate_pools(users, view.history, real_ids, cold_pool, rng, p.candidates, p.cold_share)
+        if self.n_fits == 0:
+            self.base.fit(view.training_data(), view, step=step, warm_start=False,
+                          rng=component_rng(self.context.seed, "llm_augment.prefit", step))
+        slates, _ = self.base.recommend(users, p.candidates, view, exclude=view.history, step=step)
+        real = ~self.phantom[: view.items.n]
+        return [row[(row >= 0) & real[np.maximum(row, 0)]] for row in slates]
+
     def _matcher_for(self, world) -> TitleMatcher:
         titles = world.items.titles
         m = self._matcher
@@ -188,7 +205,7 @@ class LLMAugmented(Policy):
         seed_key = derive_key(self.context.seed, "llm_augment.seed", step)
         seeds = hash_u64(seed_key, users)
         catalog = svc.catalog_fingerprint() if svc.uses_payload else None
-        pools = candidate_pools(users, history, real_ids, cold_pool, rng, p.candidates, p.cold_share)
+        pools = self._pools(world, users, real_ids, cold_pool, rng, step)
         # relevance an LLM can read off titles: genre similarity to the user's history (z-scored per user)
         rel_all = pool_relevance(pools, ptr, hist, genres)
         template = p.prompt or self.DEFAULT_PROMPT

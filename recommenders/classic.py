@@ -8,6 +8,7 @@ from pydantic import Field
 from recloop.recommenders.base import Feedback, Policy, TrainingData
 from recloop.registry import Params, register
 from recloop.rng import derive_key, hash_uniform
+from recloop.sim.backends import exclusion_csr
 
 
 @register("policy", "random")
@@ -41,13 +42,58 @@ class PopularityPolicy(Policy):
 
 @register("policy", "ideal")
 class IdealPolicy(Policy):
-    """The oracle: ranks by true utility V_ui = <x_u, a_i> (the reference every study needs)."""
+    """The oracle: ranks by true utility V_ui = <x_u, a_i> (the reference every study needs).
+
+    Ties break by a hash of (seed, step, user, item), never by item id: in worlds with exactly one-hot
+    item attributes (Chaney's at d = 10) many items tie, and lowest-id tie-breaking would hand users who
+    share a top attribute identical slates, inflating ideal's homogenization. Rows whose top k + 1 scores
+    hold a tie are re-ranked from a per-user product (so the result does not depend on chunking)."""
 
     uses_ground_truth = True
 
     def factors(self, view):
         truth = view.truth  # granted: uses_ground_truth
         return truth.users.prefs, truth.items.attrs[: truth.items.n], None
+
+    def recommend(self, users, k, view, *, exclude=None, step=0, engine=None, on_chunk=None):
+        engine = engine or self.engine
+        users = np.asarray(users, np.int64)
+        U, V, _ = self.factors(view)
+        out_i = np.full((len(users), k), -1, np.int64)
+        out_s = np.full((len(users), k), -np.inf, np.float32)
+        key = derive_key(self.context.seed if self.context is not None else 0, "policy.ideal.ties", step)
+
+        def stage(sl, cand, scores):
+            items, sc = cand[:, :k].copy(), scores[:, :k].copy()
+            finite = np.isfinite(scores)
+            tied = ((scores[:, 1:] == scores[:, :-1]) & finite[:, 1:]).any(axis=1)
+            for r in np.flatnonzero(tied):
+                items[r], sc[r] = _hashed_ties(users[sl][r], U, V, k, exclude, key)
+            out_i[sl], out_s[sl] = items, sc
+            if on_chunk is not None:
+                on_chunk(sl, out_i[sl], out_s[sl])
+
+        engine.topk_factors(users, k + 1, U, V, exclude=exclude, on_chunk=stage)
+        return out_i, out_s
+
+
+def _hashed_ties(user: int, U, V, k: int, exclude, key) -> tuple[np.ndarray, np.ndarray]:
+    """One user's top-k by (true utility, then hash(key, user, item)), from a product of its own."""
+    s = (V @ U[user]).astype(np.float32)
+    ex = exclusion_csr(exclude, np.array([user]))
+    if ex is not None and len(ex[1]):
+        s[ex[1][ex[0][0]:ex[0][1]]] = -np.inf
+    top = min(k, int(np.isfinite(s).sum()))
+    items = np.full(k, -1, np.int64)
+    vals = np.full(k, -np.inf, np.float32)
+    if top == 0:
+        return items, vals
+    kth = np.partition(s, len(s) - top)[len(s) - top]
+    cand = np.flatnonzero(s >= kth)
+    tie = hash_uniform(key, np.full(len(cand), user), cand, dtype=np.float32)
+    order = np.lexsort((cand, tie, -s[cand]))[:top]
+    items[:top], vals[:top] = cand[order], s[cand[order]]
+    return items, vals
 
 
 @register("policy", "content")

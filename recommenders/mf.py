@@ -28,6 +28,7 @@ import scipy.sparse as sp
 from pydantic import Field
 
 from recloop.limits import MAX_DIM, MAX_ITERATIONS, MAX_SAMPLE, MAX_THREADS
+from recloop.recommenders.bpr_sgd import bpr_uniform
 from recloop.registry import Params, register
 
 from .base import Policy, TrainingData
@@ -264,8 +265,13 @@ class BPR(_FactorPolicy):
     """Bayesian Personalised Ranking (Rendle et al. 2009) with ``implicit``'s CPU SGD (E-BPR).
 
     Factors have ``factors + 1`` columns: the last item column is the item bias and the last user column
-    is fixed at 1 (the implicit layout), so score = <U_u, V_i> already includes the bias. Negatives are
-    sampled uniformly (and re-drawn when the user liked them, ``verify_negative_samples``).
+    is fixed at 1 (the implicit layout), so score = <U_u, V_i> already includes the bias.
+
+    Negatives (``negatives``): ``uniform`` (default) is Rendle's BPR, a uniformly drawn item the user has
+    not liked (re-drawn until one is found), with our own SGD kernel (:mod:`recloop.recommenders.bpr_sgd`);
+    ``popularity`` is ``implicit``'s sampler, whose negative is the item of a random logged pair (so drawn
+    in proportion to popularity) and which skips, rather than re-draws, a sample the user liked
+    (``verify_negative_samples``). The two move popularity bias in opposite directions inside a loop.
     """
 
     class Params(Params):
@@ -274,10 +280,13 @@ class BPR(_FactorPolicy):
         regularization: float = Field(0.01, ge=0.0)
         iterations: int = Field(15, ge=0, le=MAX_ITERATIONS, description="epochs (nnz samples each) for a cold fit")
         warm_iterations: int = Field(5, ge=0, le=MAX_ITERATIONS, description="epochs when warm-starting")
-        verify_negative_samples: bool = True
+        negatives: Literal["uniform", "popularity"] = Field(
+            "uniform", description="uniform: Rendle's sampler (ours); popularity: implicit's (∝ item popularity)")
+        verify_negative_samples: bool = Field(True, description="popularity sampler: skip liked negatives")
         cold_user: Literal["mean", "zero"] = "mean"
         num_threads: int = Field(
-            1, ge=0, le=MAX_THREADS, description="implicit threads (1 = deterministic; >1 is Hogwild)")
+            1, ge=0, le=MAX_THREADS, description="implicit threads for the popularity sampler (1 = deterministic; "
+                                                 ">1 is Hogwild)")
 
     def _blank_user(self) -> np.ndarray:
         row = np.zeros(self.dim + 1, np.float32)
@@ -308,7 +317,9 @@ class BPR(_FactorPolicy):
             V = ((init.random((ni, f + 1), dtype=np.float32) - 0.5) / f).astype(np.float32)
             V[np.bincount(X.indices, minlength=ni) == 0] = 0.0
             U = self._init_users(init, nu)
-        if iters > 0 and X.nnz > 0:
+        if iters > 0 and X.nnz > 0 and p.negatives == "uniform":
+            U, V = bpr_uniform(X, U, V, iters, p.learning_rate, p.regularization, seed)
+        elif iters > 0 and X.nnz > 0:
             from implicit.cpu.bpr import BayesianPersonalizedRanking
 
             with warnings.catch_warnings():

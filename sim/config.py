@@ -120,7 +120,11 @@ class OutputConfig(Params):
     checkpoint_every: OptCycles = Field(25, description="cycles between checkpoints (0: only at the end)")
     flush_every: Cycles = Field(10, description="cycles between metric flushes to Parquet parts")
     keep_checkpoints: Annotated[int, Field(gt=0, le=MAX_REPLICATES)] = 2
-    log_interactions: bool = Field(False, description="write every interaction to DIR/interactions/")
+    interactions: bool = Field(True, description="write what users consumed to DIR/interactions.parquet "
+                                                 "(step, user, item, position, provenance)")
+    interactions_max_rows: Annotated[int, Field(ge=0, le=10**9)] = Field(
+        10**7, description="rows of interactions.parquet kept per (policy, seed) run; later cycles are dropped "
+                           "and the manifest says from which step")
 
 
 def _component_union(kind: str):

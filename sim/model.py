@@ -175,9 +175,12 @@ class FeedbackLoop(mesa.Model):
         """The loop records what users consumed (picks, further accepts, organic picks): histories,
         popularity and the training log. Returns every (user, item) pair consumed this cycle."""
         self._cycle_pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._cycle_log: list[tuple[np.ndarray, ...]] = []
         clicked = response.chosen_item >= 0
-        self._commit(t, response.users[clicked], response.chosen_item[clicked], PROVENANCE["recommended"])
-        self._commit(t, response.extra_users, response.extra_items, PROVENANCE["recommended"])
+        self._commit(t, response.users[clicked], response.chosen_item[clicked], PROVENANCE["recommended"],
+                     positions=response.chosen_pos[clicked])
+        self._commit(t, response.extra_users, response.extra_items, PROVENANCE["recommended"],
+                     positions=response.extra_positions)
         if self.scenario.users.organic_rate > 0:
             users, items = self.users_agent.organic(t, response.users)
             if len(users) and not self.scenario.users.repeat_consumption:
@@ -239,11 +242,15 @@ class FeedbackLoop(mesa.Model):
         else:
             raise TypeError(f"unknown report type {type(report).__name__}")
 
-    def _commit(self, step, users, items, provenance, initial=False) -> None:
+    def _commit(self, step, users, items, provenance, initial=False, positions=None) -> None:
+        """Record consumed pairs; ``positions`` are their slate positions (None: not from a slate, -1)."""
         users = np.asarray(users, np.int64)
         items = np.asarray(items, np.int64)
         if len(users) == 0:
             return
+        if not initial:
+            pos = np.full(len(users), -1, np.int16) if positions is None else np.asarray(positions, np.int16)
+            self._cycle_log.append((users, items, pos, np.full(len(users), provenance, np.int8)))
         new = self._new_pairs(users, items)
         if len(self.popularity) < self.world.items.n:
             self.popularity = np.concatenate([self.popularity, np.zeros(self.world.items.n - len(self.popularity))])
@@ -265,6 +272,16 @@ class FeedbackLoop(mesa.Model):
         if self.history.nnz == 0:
             return new
         return new & ~self.history.contains(users, items)
+
+    def cycle_interactions(self) -> dict[str, np.ndarray]:
+        """What users consumed in the last cycle (the run store's ``interactions.parquet`` rows):
+        user, item, slate position (-1: not from the slate, e.g. organic) and provenance code."""
+        parts = getattr(self, "_cycle_log", [])
+        if not parts:
+            return {"user": np.zeros(0, np.int64), "item": np.zeros(0, np.int64), "position": np.zeros(0, np.int16),
+                    "provenance": np.zeros(0, np.int8)}
+        return {name: np.concatenate([p[j] for p in parts])
+                for j, name in enumerate(("user", "item", "position", "provenance"))}
 
     def training_data(self):
         return self.log.training_data(self.world.users.n, self.world.items.n)

@@ -21,6 +21,7 @@ class Response:
     extra_users: np.ndarray  # further accepted (user, item) pairs of multi-accept choice models
     extra_items: np.ndarray
     choice_probs: np.ndarray | None = None
+    extra_positions: np.ndarray | None = None  # slate positions of the extra pairs
 
 
 class ChoiceSink:
@@ -42,6 +43,7 @@ class ChoiceSink:
         self._closed_form = self.many is None
         self._extra_users: list[np.ndarray] = []
         self._extra_items: list[np.ndarray] = []
+        self._extra_pos: list[np.ndarray] = []
 
     def __call__(self, sl: slice, items: np.ndarray, scores: np.ndarray) -> None:
         u = self.users[sl]
@@ -90,10 +92,12 @@ class ChoiceSink:
         r, c = np.nonzero(rest)
         self._extra_users.append(u[r])
         self._extra_items.append(items[r, c])
+        self._extra_pos.append(c.astype(np.int16))
         return accept
 
     def response(self) -> Response:
         z = np.zeros(0, np.int64)
         eu = np.concatenate(self._extra_users) if self._extra_users else z
         ei = np.concatenate(self._extra_items) if self._extra_items else z
-        return Response(self.users, self.chosen_pos, self.chosen_item, self.realised, eu, ei, self.probs)
+        ep = np.concatenate(self._extra_pos) if self._extra_pos else np.zeros(0, np.int16)
+        return Response(self.users, self.chosen_pos, self.chosen_item, self.realised, eu, ei, self.probs, ep)

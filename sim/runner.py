@@ -19,13 +19,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import polars as pl
 import psutil
 import yaml
 
 from recloop import __version__
+from recloop.contracts import PROVENANCE_NAMES
 from recloop.errors import RecloopInputError
 from recloop.sim.checkpoint import CheckpointError
 from recloop.sim.config import load_scenario, validate_mapping
+from recloop.sim.cross_run import cross_run_rows
 from recloop.sim.llm_accounting import empty_accounting, sum_accounting
 from recloop.sim.memory import release_freed_memory
 from recloop.sim.model import FeedbackLoop
@@ -84,6 +88,7 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
     setup_s = time.perf_counter() - t_start
     out = scenario.output
     buf: dict[str, list] = {c: [] for c in ("policy", "seed", "step", "metric", "group", "value")}
+    inter = InteractionBuffer(policy_name, seed, out, store.interaction_rows(key) if model.t else 0)
     first = model.t
 
     rss_samples: list[list[float]] = []
@@ -97,11 +102,15 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
             store.write_part(key, first, last, buf)
             for v in buf.values():
                 v.clear()
+        frame = inter.take()
+        if frame is not None:
+            store.write_interactions_part(key, first, last, frame)
         first = last + 1
 
     while model.t < scenario.steps:
         model.step()
         t = model.t - 1
+        inter.add(t, model.cycle_interactions())
         for m, g, v in model.last_rows:
             buf["policy"].append(policy_name)
             buf["seed"].append(seed)
@@ -128,10 +137,45 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
         "wall_s": round(time.perf_counter() - t_start, 3),
         "rss_mb_samples": rss_samples[:: max(1, len(rss_samples) // 50)],
     }
+    if inter.truncated_from is not None:
+        entry["interactions_truncated_from_step"] = inter.truncated_from
     entry.update(model.run_report())  # components' and services' facts (e.g. the LLM accounting)
     if "llm" not in entry and scenario.llm is not None:  # an LLM scenario: runs without an LLM stage report zeros
         entry.setdefault("llm", empty_accounting())
     return entry
+
+
+class InteractionBuffer:
+    """The cycles' consumed pairs of one run until the next flush, up to ``output.interactions_max_rows``
+    rows per run (the cycle that would pass the cap and all later ones are left out, and said so)."""
+
+    def __init__(self, policy: str, seed: int, out, written: int):
+        self.policy, self.seed = policy, int(seed)
+        self.enabled = bool(out.interactions)
+        self.room = int(out.interactions_max_rows) - written
+        self.truncated_from: int | None = None
+        self.frames: list[pl.DataFrame] = []
+
+    def add(self, step: int, rows: dict[str, np.ndarray]) -> None:
+        n = len(rows["user"])
+        if not self.enabled or self.truncated_from is not None or n == 0:
+            return
+        if n > self.room:
+            self.truncated_from = step
+            return
+        self.room -= n
+        names = np.array([PROVENANCE_NAMES[c] for c in sorted(PROVENANCE_NAMES)])
+        self.frames.append(pl.DataFrame({
+            "seed": np.full(n, self.seed, np.int64), "step": np.full(n, step, np.int64),
+            "user": rows["user"], "item": rows["item"], "position": rows["position"],
+            "provenance": names[rows["provenance"]]}).with_columns(policy=pl.lit(self.policy)))
+
+    def take(self) -> pl.DataFrame | None:
+        """The buffered rows (and an empty buffer), or None when there are none."""
+        if not self.frames:
+            return None
+        frame, self.frames = pl.concat(self.frames), []
+        return frame
 
 
 def _restore(scenario, policy_name: str, seed: int, store: RunStore, ident: dict[str, Any],
@@ -244,7 +288,7 @@ def execute(scenario, root: Path, *, resume: bool, workers: int = 1, progress: b
         store.write_manifest(manifest)
         _execute_todo(scenario, store, manifest, todo, resume=resume, workers=workers, progress=progress,
                       scenario_file=scenario_file, executor=executor)
-        _finish(store, manifest)
+        _finish(store, manifest, scenario)
     except KeyboardInterrupt:
         _mark(store, manifest, "interrupted")
         raise
@@ -285,8 +329,15 @@ def _execute_todo(scenario, store: RunStore, manifest: dict, todo: list[tuple[st
                 on_done(*futs[fut], fut.result())
 
 
-def _finish(store: RunStore, manifest: dict) -> None:
-    """Merge the parts into metrics.parquet and mark the run complete."""
+def _finish(store: RunStore, manifest: dict, scenario=None) -> None:
+    """Merge the parts into metrics.parquet (and interactions.parquet), add the cross-run rows, and mark
+    the run complete."""
+    store.finalize_interactions()
+    if scenario is None:
+        scenario = load_scenario(store.root / "scenario.yaml")
+    cross = cross_run_rows(store.root, scenario)
+    if cross is not None:
+        store.write_part("_cross", 0, 0, cross.to_dict(as_series=False))
     store.finalize_metrics()
     manifest["status"] = "complete"
     manifest.pop("error", None)

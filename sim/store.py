@@ -5,6 +5,9 @@ DIR/scenario.yaml       the fully resolved scenario
 DIR/manifest.json       versions, seed(s), config hash, status, timings (per run and overall)
 DIR/metrics.parquet     long format: policy, seed, step, metric, group, value (written at the end)
 DIR/metrics.parts/      Parquet parts appended while the run goes (flat memory); merged at the end
+DIR/interactions.parquet  what users consumed: policy, seed, step, user, item, position, provenance
+                        (position -1: not from the slate; ``output.interactions``, capped per run by
+                        ``output.interactions_max_rows``); parts in DIR/interactions.parts/ while running
 DIR/checkpoints/        <policy>__seed<N>/step_<t>.npz + step_<t>.json (no pickle), atomic, the latest few kept
 ```
 ``metrics.parquet`` only appears when every run is complete, so a partial run never looks complete;
@@ -35,8 +38,10 @@ from recloop.sim import checkpoint as ckpt
 
 SCHEMA = {"policy": pl.Utf8, "seed": pl.Int64, "step": pl.Int64, "metric": pl.Utf8, "group": pl.Utf8,
           "value": pl.Float64}
+INTERACTION_SCHEMA = {"policy": pl.Utf8, "seed": pl.Int64, "step": pl.Int64, "user": pl.Int64, "item": pl.Int64,
+                      "position": pl.Int16, "provenance": pl.Utf8}
 RUN_FILES = ("scenario.yaml", "manifest.json", "metrics.parquet", "metrics.parts", "checkpoints", "plots",
-             "interactions", "llm_cache", "metrics.png")
+             "interactions", "interactions.parquet", "interactions.parts", "llm_cache", "metrics.png")
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _PART = re.compile(r"^(?P<key>.+)__(?P<first>\d+)-(?P<last>\d+)\.parquet$")
 _STEP = re.compile(r"^step_(?P<step>\d+)\.(?P<ext>json|npz)$")
@@ -216,19 +221,33 @@ class RunStore:
     def parts_dir(self) -> Path:
         return self.root / "metrics.parts"
 
+    @property
+    def interaction_parts_dir(self) -> Path:
+        return self.root / "interactions.parts"
+
     def write_part(self, key: str, first: int, last: int, rows: dict[str, list]) -> None:
         """Append the metric rows of cycles ``first..last`` of run ``key`` as one Parquet part (atomic)."""
-        buf = io.BytesIO()  # parts are small; writing them from Python makes a full disk a plain OSError
-        pl.DataFrame(rows, schema=SCHEMA).write_parquet(buf)
-        atomic_write_bytes(self.parts_dir / f"{key}__{first:07d}-{last:07d}.parquet", buf.getvalue())
+        self._write_frame(self.parts_dir, key, first, last, pl.DataFrame(rows, schema=SCHEMA))
 
-    def parts(self, key: str | None = None) -> list[tuple[Path, int]]:
+    def write_interactions_part(self, key: str, first: int, last: int, frame: pl.DataFrame) -> None:
+        """Append the consumed (user, item) rows of cycles ``first..last`` of run ``key`` (atomic)."""
+        self._write_frame(self.interaction_parts_dir, key, first, last, frame.select(
+            [pl.col(c).cast(t) for c, t in INTERACTION_SCHEMA.items()]))
+
+    @staticmethod
+    def _write_frame(folder: Path, key: str, first: int, last: int, frame: pl.DataFrame) -> None:
+        buf = io.BytesIO()  # parts are small; writing them from Python makes a full disk a plain OSError
+        frame.write_parquet(buf)
+        atomic_write_bytes(folder / f"{key}__{first:07d}-{last:07d}.parquet", buf.getvalue())
+
+    def parts(self, key: str | None = None, folder: Path | None = None) -> list[tuple[Path, int]]:
         """The parts (path, first cycle) of run ``key`` (of every run when None), by file name. The key is
         matched exactly, never by prefix, so no run can see another's parts."""
-        if not self.parts_dir.is_dir():
+        folder = self.parts_dir if folder is None else folder
+        if not folder.is_dir():
             return []
         out = []
-        for p in sorted(self.parts_dir.iterdir()):
+        for p in sorted(folder.iterdir()):
             m = _PART.match(p.name)
             if m and (key is None or m["key"] == key):
                 out.append((p, int(m["first"])))
@@ -236,9 +255,33 @@ class RunStore:
 
     def drop_parts_after(self, key: str, step: int) -> None:
         """Remove parts of run ``key`` that start after ``step`` (written after its checkpoint)."""
-        for p, first in self.parts(key):
-            if first > step:
-                p.unlink()
+        for folder in (self.parts_dir, self.interaction_parts_dir):
+            for p, first in self.parts(key, folder):
+                if first > step:
+                    p.unlink()
+
+    def interaction_rows(self, key: str) -> int:
+        """Rows of ``interactions.parts`` already written for run ``key`` (the cap counts them on resume)."""
+        return sum(pl.scan_parquet(p).select(pl.len()).collect().item()
+                   for p, _ in self.parts(key, self.interaction_parts_dir))
+
+    def finalize_interactions(self) -> Path | None:
+        """Merge the interaction parts into ``interactions.parquet`` (streaming; by policy, seed, step)."""
+        parts = [p for p, _ in self.parts(folder=self.interaction_parts_dir)]
+        if not parts:
+            return None
+        out = self.root / "interactions.parquet"
+        tmp = self.root / ".interactions.parquet.tmp"
+        try:  # each part is already in (step, user) order: a stable sort by run keeps it
+            pl.scan_parquet([str(p) for p in parts]).sort(["policy", "seed", "step"], maintain_order=True) \
+                .sink_parquet(tmp)
+            os.replace(tmp, out)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(exc) and not isinstance(exc, OSError):
+                raise OSError(errno.ENOSPC, f"no space left while writing {out}") from exc
+            raise
+        return out
 
     def finalize_metrics(self) -> Path:
         """Merge all parts into ``metrics.parquet`` (streaming; sorted by policy, seed, step)."""

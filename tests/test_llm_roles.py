@@ -159,7 +159,10 @@ def test_augmented_interactions_are_training_data_not_consumption(tmp_path):
 
 
 def test_phantom_items_enter_catalog_and_get_exposure(tmp_path):
-    r1 = {**R1, "unmatched": "phantom", "users_per_cycle": 60, "n": 8}
+    # random pools and implicit's popularity negatives: cold items and phantoms get pseudo-interactions
+    # that lift them into slates (BPR's uniform negatives keep rarely seen items down)
+    r1 = {**R1, "unmatched": "phantom", "users_per_cycle": 60, "n": 8, "candidates_from": "random",
+          "base": {**R1["base"], "negatives": "popularity"}}
     sc = scenario(
         {"r1": r1}, llm={"backend": {"type": "surrogate", "h": 0.5, "eps_near": 0.0}}, steps=6, k=10
     )
@@ -224,7 +227,7 @@ def test_creator_items_unknown_to_the_surrogate_are_named_and_ranked(tmp_path, m
     monkeypatch.setattr(SurrogateLLM, "generate", spy)
     r3 = copy.deepcopy(R3)
     r3["retrieval"] = {"type": "random"}  # new items reach the re-ranker's candidates
-    policies = {"r1": {**R1, "cold_share": 0.5}, "r3": r3}
+    policies = {"r1": {**R1, "candidates_from": "random", "cold_share": 0.5}, "r3": r3}
     if HAVE_PROFILER:
         policies["r2"] = {"type": "llm_profiler", "base": {"type": "als", "factors": 8}, "refresh_every": 2}
     world = {"type": "chaney", "n_users": 120, "n_items": 150, "dim": 8, "n_creators": 10}
