@@ -394,6 +394,18 @@ class PolicyProbe:
     def score_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self._policy.score_pairs(users, items, self._view, self._view.step)
 
+    def factors(self):
+        """The policy's (user, item, bias) scoring factors, read-only, or None when it scores otherwise
+        (then :meth:`scores` gives dense rows for a chunk of users)."""
+        fn = getattr(self._policy, "factors", None)
+        f = fn(self._view) if callable(fn) else None
+        return None if f is None else tuple(None if a is None else _readonly(np.asarray(a)) for a in f)
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        """The policy's scores of every current item for a chunk of users, (len(users), n_items): the
+        caller chunks (e.g. the conformal metric, through the engine's chunks)."""
+        return self._policy.score(np.asarray(users, np.int64), self._view, self._view.step)
+
     def greedy_factors(self):
         """(user, item, bias) factors of the policy's mean-only ranking, for a bandit (``greedy_factors``);
         None for a policy that does not explore."""

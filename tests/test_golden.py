@@ -47,6 +47,9 @@ CASES: dict[str, dict] = {
     "familiarity": {},
     "bandits": {},
     "bandits-timevar": {},
+    "conformal-control": {},
+    "conformal-validity": {},
+    "conformal-compress": {},
 }
 LEFT_OUT = {"llm-roles-real", "echotrace-ml100k-real"}
 

@@ -16,6 +16,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = [
     ("01-quickstart.ipynb", 240),
     ("02-llm-risks.ipynb", 240),
+    ("03-conformal-validity.ipynb", 240),
 ]
 
 
