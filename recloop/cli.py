@@ -1,4 +1,4 @@
-"""The ``recloop`` command line: run, validate, schema, list, plot, resume, ope (and ``llm`` tools).
+"""The ``recloop`` command line: run, validate, schema, list, plot, report, resume, ope, evaluate (and ``llm`` tools).
 
 Bad input is reported as one paragraph on stderr with exit code 2 and no traceback. Each command imports
 what it needs when it runs (not when the module loads), so ``recloop --help`` and ``recloop validate``
@@ -154,6 +154,24 @@ def plot(
     typer.echo(f"plot: {path}")
 
 
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="run directory (recloop run) or sweep directory (recloop sweep)"),
+    baseline: Optional[str] = typer.Option(None, help="policy for paired differences (default: the sweep's "
+                                           "baseline, or a run's first policy)"),
+    metrics: Optional[str] = typer.Option(None, help="comma-separated metric names (default: all; plots: the "
+                                          "usual ones)"),
+) -> None:
+    """Write DIR/report.html (self-contained) and DIR/report.md: final values and time averages with 95% t and
+    bootstrap intervals across seeds, paired differences against the baseline, plots over time and, for a
+    sweep, against each factor's levels with a table of effects."""
+    from recloop.analysis.report import write_report
+
+    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    html_path, md_path = write_report(run_dir, baseline=baseline, metrics=names)
+    typer.echo(f"report: {html_path}\nreport: {md_path}")
+
+
 @app.command(name="ope")
 def ope_command(
     log: str = typer.Argument(..., help="obd:random or obd:bts (the Open Bandit Dataset sample in the obp wheel, "
@@ -195,6 +213,62 @@ def ope_command(
     if skipped:
         typer.echo("skipped (they need users and items): " + ", ".join(f"{n} ({t})" for n, t in skipped.items()))
     typer.echo(f"wrote: {out / 'ope.parquet'}")
+
+
+@app.command()
+def evaluate(
+    scenario: Path = typer.Argument(..., help="scenario YAML file (or the name of a shipped scenario) with a "
+                                    "data-set world that has timestamps (movielens, interactions_csv)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for evaluation.parquet (created if missing)"),
+    seeds: Optional[int] = typer.Option(None, min=1, max=1000, help="seeds: the scenario seed + 0..N-1 "
+                                        "(default: the scenario's replicates)"),
+    trials: int = typer.Option(3, min=1, max=20, help="candidate configurations tuned per policy on the "
+                               "validation item (the same budget for every policy)"),
+) -> None:
+    """Offline next-item evaluation of the scenario's policies (all but ideal) on the world's logged positives.
+
+    Per user the last positive by (timestamp, item id) is the test item and the one before the validation item
+    (tuning); the full catalog is ranked with the user's other items excluded. Writes DIR/evaluation.parquet
+    (policy, seed, metric, value: hr@10, ndcg@10, mrr@10, coverage@10, train_s, tune_s, val_ndcg@10),
+    DIR/ranks.parquet (each user's test rank) and DIR/evaluation.json (split and tuning record).
+    """
+    from rich.console import Console
+
+    from recloop.analysis.evaluate import evaluate_scenario, summary_table, write_evaluation
+
+    if out.exists() and not out.is_dir():
+        raise RecloopInputError("exists and is not a folder.", file=str(out), key="--out")
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    ev = evaluate_scenario(scenario, seeds=seeds, trials=trials, log=err.print)
+    for name, why in ev.skipped.items():
+        err.print(f"skipped {name}: {why}")
+    path = write_evaluation(ev, out)
+    con = Console(soft_wrap=True)
+    (con if con.is_terminal else Console(width=170)).print(summary_table(ev.frame()))
+    typer.echo(f"wrote: {path}")
+
+
+@app.command()
+def sweep(
+    study: Path = typer.Argument(..., help="study YAML file (or the name of a shipped study)"),
+    out: Path = typer.Option(..., "--out", "-o", help="sweep directory (the same command again resumes it)"),
+    executor: str = typer.Option("process", help="process (a local pool) or ray (a Ray cluster; the ray extra)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray instance)"),
+    workers: int = typer.Option(1, min=1, help="processes (or local Ray CPUs) running (cell, policy, seed) units"),
+    overwrite: bool = typer.Option(False, help="replace a previous sweep in --out"),
+    progress: bool = typer.Option(True, help="show the progress bar"),
+) -> None:
+    """Run a study: every cell of its factors x the scenario's policies x its seeds (resumable)."""
+    from recloop.sim.sweep import run_sweep
+
+    try:
+        sw = run_sweep(study, out, executor=executor, address=address, workers=workers, overwrite=overwrite,
+                       progress=progress)
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same `recloop sweep` command again to resume the sweep.", 130)
+    n = sum(len(c["units"]) for c in sw["cells"])
+    typer.echo(f"done: {out} ({len(sw['cells'])} cell(s) x {len(sw['policies'])} policies x {len(sw['seeds'])} "
+               f"seed(s) = {n} runs, {sw['timings']['wall_s']:.1f} s); metrics: {out}/metrics/**/*.parquet")
 
 
 def _mount_optional() -> None:

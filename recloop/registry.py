@@ -69,16 +69,21 @@ BUILTIN_MODULES = (
     "recloop.recommenders.lafb",
     "recloop.recommenders.bandits",
     "recloop.recommenders.hyperbandit",
+    "recloop.recommenders.conformal_set",
+    "recloop.recommenders.sequential",
     "recloop.analysis.collectors",
     "recloop.analysis.user_collectors",
     "recloop.analysis.familiarity_metrics",
     "recloop.analysis.bandit_metrics",
+    "recloop.analysis.conformal_metric",
+    "recloop.analysis.conformal_compress_metric",
     "recloop.llm.role_augment",
     "recloop.llm.role_rank",
     "recloop.llm.collectors",
     "recloop.llm.role_profile",
     "recloop.llm.profile_metrics",
     "recloop.llm.warm_start",
+    "recloop.llm.item_text",
 )
 
 

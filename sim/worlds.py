@@ -231,6 +231,10 @@ class _DataSetWorld(WorldGenerator):
         f = self.fitted()
         return f.held_users.copy(), f.held_items.copy()
 
+    def has_timestamps(self) -> bool:
+        """Whether :meth:`timeline` carries real times (``recloop evaluate`` needs them)."""
+        return True
+
     def timeline(self, source: str = "held_out") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(users, items, timestamps) of real interactions in world ids (kept users and items only).
 
@@ -328,6 +332,10 @@ class InteractionsCSVWorld(_DataSetWorld):
         title_col: str | None = Field(None, description="column of item titles (None: synthetic titles)")
         genre_col: str | None = Field(None, description="column of item genre labels")
         genre_sep: str = Field("|", description="separator between genre labels")
+
+    def has_timestamps(self) -> bool:
+        """Only with ``timestamp_col``: the file order alone is not a time."""
+        return self.params.timestamp_col is not None
 
     def table(self) -> RatingsTable:
         p = self.params

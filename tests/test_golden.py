@@ -50,6 +50,7 @@ CASES: dict[str, dict] = {
     "conformal-control": {},
     "conformal-validity": {},
     "conformal-compress": {},
+    "sequential": {},
 }
 LEFT_OUT = {"llm-roles-real", "echotrace-ml100k-real"}
 
