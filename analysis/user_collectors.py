@@ -98,6 +98,15 @@ class Homogenization(MetricComponent):
         self.pairs = np.stack([a, b], axis=1).astype(np.int64)
         self.sim_users = rng.choice(n, size=min(n, p), replace=False).astype(np.int64)
 
+    def cycle_table(self) -> dict[str, dict[str, np.ndarray]]:
+        """This cycle's similar-user pairs, kept by the run store (``similar_pairs.parquet``) so that the
+        cross-run comparison with ideal measures the same pairs in both runs (M-HOMOG (ii))."""
+        pairs = getattr(self, "_last_pairs", None)
+        self._last_pairs = None
+        if pairs is None:
+            return {}
+        return {"similar_pairs": {"user": pairs[:, 0], "partner": pairs[:, 1]}}
+
     def _similar_pairs(self, rec) -> np.ndarray:
         """Each sampled user with its most cosine-similar user under the policy's user factors; ties
         (and policies without user factors, whose users are all alike) are broken at random."""
@@ -133,6 +142,7 @@ class Homogenization(MetricComponent):
             ip = np.arange(0, sl.size + 1, max(sl.shape[1], 1), dtype=np.int64)[: len(sl) + 1]
             rows.append(("rec_similarity", "", _mean_pair_jaccard(ip, sl.ravel(), local.reshape(-1, 2))))
         pairs = self._similar_pairs(rec)
+        self._last_pairs = pairs
         us = np.unique(pairs)
         ip, it = rec.history.csr(us)
         rows.append(("homogenization_similar", "", _mean_pair_jaccard(ip, it, np.searchsorted(us, pairs))))

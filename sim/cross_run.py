@@ -3,14 +3,14 @@
 Under common random numbers every policy of a seed starts from the same world, so the ``ideal`` policy's
 run is the counterfactual each other policy is compared with (Chaney et al. 2018, M-HOMOG):
 
-* ``homogenization_vs_ideal``: mean Jaccard of the consumption histories (``interactions.parquet``,
-  cumulative up to the cycle) of fixed user pairs under the policy, minus the same pairs' mean Jaccard
-  under ``ideal``. Both runs are measured on the *same* pairs (the per-run ``homogenization_similar``
-  compares each policy's own similar-user pairs with ideal's pairs, which can flip the order of policies).
-  The pairs are similar-user pairs as in Chaney et al.: each of ``metrics.pairs`` sampled users with the
-  user whose *true initial* preferences are most cosine-similar (the world is rebuilt from the seed; a
-  policy's embedding would differ between the runs, so it cannot define common pairs; our choice).
-  ``homogenization_vs_ideal_random`` is the same on fixed random pairs (M-HOMOG (i)).
+* ``homogenization_vs_ideal`` (M-HOMOG (ii), as in Chaney et al.'s replication code): in each measured
+  cycle the homogenization metric pairs sampled users with their most cosine-similar user under the
+  *policy's* current user embedding (kept in ``similar_pairs.parquet``); the value is those pairs' mean
+  Jaccard of consumption histories under the policy minus the *same* pairs' under ``ideal`` in that
+  cycle. (The per-run ``homogenization_similar`` compares each run's own pairs, which can flip the order
+  of policies.) Histories are what users consumed during the loop (``interactions.parquet``); the
+  initial log, identical in both runs, is left out. Needs the ``homogenization`` metric.
+* ``homogenization_vs_ideal_random``: the same on fixed random user pairs (M-HOMOG (i)), drawn per seed.
 * ``utility_vs_ideal``: the policy's cumulative mean realised utility up to the cycle divided by ideal's.
 
 Rows go to ``metrics.parts/_cross__*.parquet`` and so into ``metrics.parquet``, with ``group`` empty.
@@ -42,7 +42,10 @@ def cross_run_rows(root: Path, scenario) -> pl.DataFrame | None:
     if ideal is None or not path.exists():
         return None
     inter = pl.read_parquet(path, columns=["policy", "seed", "step", "user", "item"])
-    frames = [_homogenization_vs_ideal(inter, ideal, scenario, similar) for similar in (True, False)]
+    pairs_path = Path(root) / "similar_pairs.parquet"
+    similar = pl.read_parquet(pairs_path) if pairs_path.exists() else None
+    frames = [_homogenization_vs_ideal(inter, ideal, scenario, similar),
+              _homogenization_vs_ideal(inter, ideal, scenario, None)]
     metrics = _read_metric(root, "utility")
     if metrics is not None:
         frames.append(_utility_vs_ideal(metrics, ideal))
@@ -57,58 +60,82 @@ def _pairs(seed: int, users: np.ndarray, n_pairs: int) -> np.ndarray:
     return np.stack([users[a], users[b]], axis=1)
 
 
-def similar_pairs(scenario, seed: int, n_pairs: int, pool: int = 4096) -> np.ndarray:
-    """Sampled users, each with the user of most cosine-similar true initial preferences (the world of
-    ``seed`` rebuilt from the scenario; the partner is searched in a random pool above ``pool`` users)."""
-    from recloop import registry
+class Histories:
+    """Users' cumulative consumption sets of one run, advanced cycle by cycle."""
 
-    world = registry.build("world", scenario.world).build(component_rng(seed, "world"))
-    X = np.asarray(world.users.prefs[: world.users.n], np.float64)
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    rng = component_rng(seed, "cross_run.similar_pairs")
-    n = len(X)
-    q = rng.choice(n, size=min(n, n_pairs), replace=False)
-    cand = np.arange(n) if n <= pool else rng.choice(n, size=pool, replace=False)
-    sims = X[q] @ X[cand].T
-    sims[q[:, None] == cand[None, :]] = -np.inf
-    sims += rng.random(sims.shape) * 1e-9  # random tie-breaking
-    return np.stack([q, cand[np.argmax(sims, axis=1)]], axis=1).astype(np.int64)
+    def __init__(self, rows: pl.DataFrame):
+        self.by_step = rows.partition_by("step", as_dict=True, maintain_order=True)
+        self.sets: dict[int, set] = {}
+        self.t = -1
+
+    def advance(self, step: int) -> None:
+        """Add the consumption of cycles up to and including ``step``."""
+        while self.t < step:
+            self.t += 1
+            chunk = self.by_step.get((self.t,))
+            if chunk is not None:
+                for u, i in zip(chunk["user"].to_list(), chunk["item"].to_list()):
+                    self.sets.setdefault(u, set()).add(i)
+
+    def jaccard(self, pairs: np.ndarray) -> float:
+        """Mean Jaccard of the pairs' histories (empty ∪ empty counts 0)."""
+        empty: set = set()
+        vals = []
+        for a, b in pairs.tolist():
+            sa, sb = self.sets.get(a, empty), self.sets.get(b, empty)
+            union = len(sa | sb)
+            vals.append(len(sa & sb) / union if union else 0.0)
+        return float(np.mean(vals)) if vals else float("nan")
 
 
 def pair_jaccard_series(rows: pl.DataFrame, pairs: np.ndarray, steps: int) -> np.ndarray:
-    """Mean Jaccard of the pairs' cumulative histories after each cycle 0..steps-1 (empty ∪ empty → 0)."""
-    users = np.unique(pairs)
-    rows = rows.filter(pl.col("user").is_in(users)).sort("step")
-    sets: dict[int, set] = {int(u): set() for u in users}
+    """Mean Jaccard of fixed pairs' cumulative histories after each cycle 0..steps-1."""
+    hist = Histories(rows.filter(pl.col("user").is_in(np.unique(pairs))))
     out = np.zeros(steps)
-    by_step = rows.partition_by("step", as_dict=True, maintain_order=True)
     for t in range(steps):
-        chunk = by_step.get((t,))
-        if chunk is not None:
-            for u, i in zip(chunk["user"].to_list(), chunk["item"].to_list()):
-                sets[u].add(i)
-        inter = np.array([len(sets[a] & sets[b]) for a, b in pairs.tolist()], np.float64)
-        union = np.array([len(sets[a] | sets[b]) for a, b in pairs.tolist()], np.float64)
-        out[t] = float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 0.0)))
+        hist.advance(t)
+        out[t] = hist.jaccard(pairs)
     return out
 
 
-def _homogenization_vs_ideal(inter: pl.DataFrame, ideal: str, scenario, similar: bool) -> pl.DataFrame | None:
+def _homogenization_vs_ideal(inter: pl.DataFrame, ideal: str, scenario, similar: pl.DataFrame | None
+                             ) -> pl.DataFrame | None:
+    """Per (policy, seed, cycle): pairs' Jaccard under the policy minus under ideal. ``similar``: the
+    policies' per-cycle similar-user pairs (M-HOMOG (ii)); None: fixed random pairs (M-HOMOG (i))."""
     out = []
-    n_pairs, steps = scenario.metrics.pairs, scenario.steps
-    name = "homogenization_vs_ideal" if similar else "homogenization_vs_ideal_random"
+    name = "homogenization_vs_ideal" if similar is not None else "homogenization_vs_ideal_random"
     for (seed,), runs in inter.partition_by("seed", as_dict=True).items():
         users = np.unique(runs["user"].to_numpy())
         if len(users) < 2:
             continue
-        pairs = similar_pairs(scenario, int(seed), n_pairs) if similar else _pairs(int(seed), users, n_pairs)
-        base = pair_jaccard_series(runs.filter(pl.col("policy") == ideal), pairs, steps)
+        fixed = _pairs(int(seed), users, scenario.metrics.pairs)
+        ideal_rows = runs.filter(pl.col("policy") == ideal)
         for (policy,), rows in runs.partition_by("policy", as_dict=True).items():
             if policy == ideal:
                 continue
-            diff = pair_jaccard_series(rows, pairs, steps) - base
-            out.append(_frame(policy, int(seed), diff, name))
+            if similar is None:
+                diff = pair_jaccard_series(rows, fixed, scenario.steps) - \
+                    pair_jaccard_series(ideal_rows, fixed, scenario.steps)
+                out.append(_frame(policy, int(seed), np.arange(scenario.steps), diff, name))
+                continue
+            mine = similar.filter((pl.col("policy") == policy) & (pl.col("seed") == seed))
+            steps, diff = _paired_steps(rows, ideal_rows, mine)
+            if len(steps):
+                out.append(_frame(policy, int(seed), steps, diff, name))
     return pl.concat(out) if out else None
+
+
+def _paired_steps(rows, ideal_rows, pairs_by_step: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """For each cycle with recorded pairs: their Jaccard under the policy minus under ideal."""
+    own, ref = Histories(rows), Histories(ideal_rows)
+    steps, diff = [], []
+    for (t,), pairs in sorted(pairs_by_step.partition_by("step", as_dict=True).items()):
+        p = pairs.select("user", "partner").to_numpy()
+        own.advance(t)
+        ref.advance(t)
+        steps.append(t)
+        diff.append(own.jaccard(p) - ref.jaccard(p))
+    return np.asarray(steps, np.int64), np.asarray(diff, np.float64)
 
 
 def _read_metric(root: Path, metric: str) -> pl.DataFrame | None:
@@ -130,7 +157,7 @@ def _utility_vs_ideal(metrics: pl.DataFrame, ideal: str) -> pl.DataFrame | None:
                        value=pl.col("cum") / pl.col("base"))
 
 
-def _frame(policy: str, seed: int, values: np.ndarray, metric: str) -> pl.DataFrame:
+def _frame(policy: str, seed: int, steps: np.ndarray, values: np.ndarray, metric: str) -> pl.DataFrame:
     n = len(values)
-    return pl.DataFrame({"policy": [policy] * n, "seed": [seed] * n, "step": np.arange(n, dtype=np.int64),
+    return pl.DataFrame({"policy": [policy] * n, "seed": [seed] * n, "step": np.asarray(steps, np.int64),
                          "metric": [metric] * n, "group": [""] * n, "value": values.astype(np.float64)})

@@ -53,10 +53,20 @@ class MetricSuite:
 
     def measure(self, record: CycleRecord) -> list[Row]:
         rows: list[Row] = []
+        self.tables = {}
         with blas_single_thread():  # metric products are small: one BLAS thread is faster
             for c in self.components:
                 rows.extend((m, g, float(v)) for m, g, v in c.compute(record))
+                table = getattr(c, "cycle_table", None)
+                if callable(table):
+                    self.tables.update(table() or {})
         return rows
+
+    def take_tables(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per-cycle tables the components left in the last measured cycle (e.g. the homogenization
+        metric's ``similar_pairs``), handed over once: the run store writes them."""
+        tables, self.tables = getattr(self, "tables", {}), {}
+        return tables
 
     def state_dict(self) -> dict:
         return {"components": [c.state_dict() for c in self.components]}

@@ -283,6 +283,10 @@ class FeedbackLoop(mesa.Model):
         return {name: np.concatenate([p[j] for p in parts])
                 for j, name in enumerate(("user", "item", "position", "provenance"))}
 
+    def cycle_tables(self) -> dict[str, dict[str, np.ndarray]]:
+        """The metric components' per-cycle tables of the last cycle ({} when it was not measured)."""
+        return self.metrics.take_tables()
+
     def training_data(self):
         return self.log.training_data(self.world.users.n, self.world.items.n)
 

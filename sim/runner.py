@@ -89,6 +89,7 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
     out = scenario.output
     buf: dict[str, list] = {c: [] for c in ("policy", "seed", "step", "metric", "group", "value")}
     inter = InteractionBuffer(policy_name, seed, out, store.interaction_rows(key) if model.t else 0)
+    tables = TableBuffer(policy_name, seed)
     first = model.t
 
     rss_samples: list[list[float]] = []
@@ -105,12 +106,15 @@ def run_one(scenario, policy_name: str, seed: int, root: str, resume: bool = Fal
         frame = inter.take()
         if frame is not None:
             store.write_interactions_part(key, first, last, frame)
+        for name, table in tables.take().items():
+            store.write_table_part(name, key, first, last, table)
         first = last + 1
 
     while model.t < scenario.steps:
         model.step()
         t = model.t - 1
         inter.add(t, model.cycle_interactions())
+        tables.add(t, model.cycle_tables())
         for m, g, v in model.last_rows:
             buf["policy"].append(policy_name)
             buf["seed"].append(seed)
@@ -176,6 +180,27 @@ class InteractionBuffer:
             return None
         frame, self.frames = pl.concat(self.frames), []
         return frame
+
+
+class TableBuffer:
+    """The metric components' per-cycle tables (e.g. ``similar_pairs``) of one run until the next flush."""
+
+    def __init__(self, policy: str, seed: int):
+        self.policy, self.seed = policy, int(seed)
+        self.frames: dict[str, list[pl.DataFrame]] = {}
+
+    def add(self, step: int, tables: dict[str, dict[str, np.ndarray]]) -> None:
+        for name, cols in tables.items():
+            n = len(next(iter(cols.values()))) if cols else 0
+            if n:
+                frame = pl.DataFrame({"seed": np.full(n, self.seed, np.int64), "step": np.full(n, step, np.int64),
+                                      **cols}).with_columns(policy=pl.lit(self.policy))
+                self.frames.setdefault(name, []).append(frame)
+
+    def take(self) -> dict[str, pl.DataFrame]:
+        out = {name: pl.concat(fs) for name, fs in self.frames.items() if fs}
+        self.frames = {}
+        return out
 
 
 def _restore(scenario, policy_name: str, seed: int, store: RunStore, ident: dict[str, Any],

@@ -40,8 +40,16 @@ SCHEMA = {"policy": pl.Utf8, "seed": pl.Int64, "step": pl.Int64, "metric": pl.Ut
           "value": pl.Float64}
 INTERACTION_SCHEMA = {"policy": pl.Utf8, "seed": pl.Int64, "step": pl.Int64, "user": pl.Int64, "item": pl.Int64,
                       "position": pl.Int16, "provenance": pl.Utf8}
+#: per-cycle tables besides the metrics: DIR/<name>.parquet, from parts in DIR/<name>.parts/
+TABLES = {
+    "interactions": INTERACTION_SCHEMA,
+    # the homogenization metric's similar-user pairs of each measured cycle (M-HOMOG (ii)), which the
+    # cross-run comparison with the ideal policy evaluates in both runs
+    "similar_pairs": {"policy": pl.Utf8, "seed": pl.Int64, "step": pl.Int64, "user": pl.Int64, "partner": pl.Int64},
+}
 RUN_FILES = ("scenario.yaml", "manifest.json", "metrics.parquet", "metrics.parts", "checkpoints", "plots",
-             "interactions", "interactions.parquet", "interactions.parts", "llm_cache", "metrics.png")
+             "interactions", "llm_cache", "metrics.png",
+             *(f"{name}.{ext}" for name in TABLES for ext in ("parquet", "parts")))
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _PART = re.compile(r"^(?P<key>.+)__(?P<first>\d+)-(?P<last>\d+)\.parquet$")
 _STEP = re.compile(r"^step_(?P<step>\d+)\.(?P<ext>json|npz)$")
@@ -223,7 +231,10 @@ class RunStore:
 
     @property
     def interaction_parts_dir(self) -> Path:
-        return self.root / "interactions.parts"
+        return self.table_parts_dir("interactions")
+
+    def table_parts_dir(self, name: str) -> Path:
+        return self.root / f"{name}.parts"
 
     def write_part(self, key: str, first: int, last: int, rows: dict[str, list]) -> None:
         """Append the metric rows of cycles ``first..last`` of run ``key`` as one Parquet part (atomic)."""
@@ -231,8 +242,12 @@ class RunStore:
 
     def write_interactions_part(self, key: str, first: int, last: int, frame: pl.DataFrame) -> None:
         """Append the consumed (user, item) rows of cycles ``first..last`` of run ``key`` (atomic)."""
-        self._write_frame(self.interaction_parts_dir, key, first, last, frame.select(
-            [pl.col(c).cast(t) for c, t in INTERACTION_SCHEMA.items()]))
+        self.write_table_part("interactions", key, first, last, frame)
+
+    def write_table_part(self, name: str, key: str, first: int, last: int, frame: pl.DataFrame) -> None:
+        """Append rows of the per-cycle table ``name`` (see :data:`TABLES`) for cycles ``first..last``."""
+        self._write_frame(self.table_parts_dir(name), key, first, last, frame.select(
+            [pl.col(c).cast(t) for c, t in TABLES[name].items()]))
 
     @staticmethod
     def _write_frame(folder: Path, key: str, first: int, last: int, frame: pl.DataFrame) -> None:
@@ -255,7 +270,7 @@ class RunStore:
 
     def drop_parts_after(self, key: str, step: int) -> None:
         """Remove parts of run ``key`` that start after ``step`` (written after its checkpoint)."""
-        for folder in (self.parts_dir, self.interaction_parts_dir):
+        for folder in (self.parts_dir, *(self.table_parts_dir(name) for name in TABLES)):
             for p, first in self.parts(key, folder):
                 if first > step:
                     p.unlink()
@@ -266,12 +281,19 @@ class RunStore:
                    for p, _ in self.parts(key, self.interaction_parts_dir))
 
     def finalize_interactions(self) -> Path | None:
-        """Merge the interaction parts into ``interactions.parquet`` (streaming; by policy, seed, step)."""
-        parts = [p for p, _ in self.parts(folder=self.interaction_parts_dir)]
+        """Merge the interaction parts into ``interactions.parquet`` (and the other tables likewise)."""
+        for name in TABLES:
+            if name != "interactions":
+                self.finalize_table(name)
+        return self.finalize_table("interactions")
+
+    def finalize_table(self, name: str) -> Path | None:
+        """Merge the parts of table ``name`` into ``<name>.parquet`` (streaming; by policy, seed, step)."""
+        parts = [p for p, _ in self.parts(folder=self.table_parts_dir(name))]
         if not parts:
             return None
-        out = self.root / "interactions.parquet"
-        tmp = self.root / ".interactions.parquet.tmp"
+        out = self.root / f"{name}.parquet"
+        tmp = self.root / f".{name}.parquet.tmp"
         try:  # each part is already in (step, user) order: a stable sort by run keeps it
             pl.scan_parquet([str(p) for p in parts]).sort(["policy", "seed", "step"], maintain_order=True) \
                 .sink_parquet(tmp)
