@@ -62,7 +62,9 @@ class _Params(Params):
     calibration_users: Users = Field(500, description="calibration points per cycle")
     test_users: Users = Field(500, description="test points per cycle")
     temperature_users: Users = Field(300, description="points per temperature fit (disjoint from the others)")
-    temperature: Annotated[float, Field(gt=0.0)] | None = Field(None, description="a fixed temperature (no fit)")
+    temperature: Annotated[float, Field(gt=0.0)] | Literal["model"] | None = Field(
+        None, description="a fixed temperature (no fit); model: the scorer's own probabilities where it has them "
+                          "(score_temperature, e.g. sasrec/cosrec with the softmax loss), else fitted")
     temperature_every: Annotated[int, Field(ge=1, le=100_000)] = Field(
         1, description="refit the serving scorer's temperature every n measured cycles")
     group_conditional: bool = Field(False, description="also Mondrian (per user group) calibration")
@@ -114,7 +116,8 @@ class ConformalMetric(MetricComponent):
     def setup(self, world, seed, config):
         p = self.params
         self.seed = int(seed)
-        self.beta = math.nan if p.temperature is None else 1.0 / p.temperature
+        self.beta = 1.0 / p.temperature if isinstance(p.temperature, float) else math.nan
+        self.own_probabilities = False  # the scorer's own probabilities are used (temperature: model)
         self.fits = 0  # temperature fits so far (the serving scorer refits every temperature_every cycles)
         self.measured = 0
         self.scorer_fitted = False
@@ -143,9 +146,19 @@ class ConformalMetric(MetricComponent):
         self.scorer.fit(data, view, step=0, rng=component_rng(self.seed, "metric.conformal.scorer"), warm_start=False)
         self.scorer_fitted = True
 
+    def _model_temperature(self, rec) -> float | None:
+        """The scorer's own temperature when ``temperature: model`` and it has probabilities."""
+        if self.params.temperature != "model":
+            return None
+        if self.scorer is not None:
+            t = self.scorer.score_temperature
+            return None if t is None else float(t)
+        return rec.policy.score_temperature()
+
     def _fit_due(self) -> bool:
         p = self.params
-        return p.temperature is None and (not math.isfinite(self.beta) or (
+        return not isinstance(p.temperature, float) and not self.own_probabilities and (
+            not math.isfinite(self.beta) or (
             self.scorer is None and self.measured % p.temperature_every == 0))
 
     def _temperature(self, rec, scorer, users, labels, exclude) -> None:
@@ -163,6 +176,10 @@ class ConformalMetric(MetricComponent):
     def compute(self, rec):
         p = self.params
         users, labels = P.cycle_points(rec)
+        own = self._model_temperature(rec)
+        self.own_probabilities = own is not None
+        if own is not None:
+            self.beta = 1.0 / own
         fit_now = self._fit_due()
         s = P.split(len(users), self.seed, rec.step, p.temperature_users if fit_now else 0, p.calibration_users,
                     p.test_users)

@@ -406,6 +406,11 @@ class PolicyProbe:
         caller chunks (e.g. the conformal metric, through the engine's chunks)."""
         return self._policy.score(np.asarray(users, np.int64), self._view, self._view.step)
 
+    def score_temperature(self) -> float | None:
+        """T when the policy's scores are logits of its own probabilities (softmax(score / T)), else None."""
+        t = getattr(self._policy, "score_temperature", None)
+        return None if t is None else float(t)
+
     def greedy_factors(self):
         """(user, item, bias) factors of the policy's mean-only ranking, for a bandit (``greedy_factors``);
         None for a policy that does not explore."""

@@ -35,6 +35,13 @@ class Policy(Component):
     online: bool = False
 
     @property
+    def score_temperature(self) -> float | None:
+        """T when the policy's scores are the logits of its own next-item probabilities, P(i | u) =
+        softmax(score / T) over the catalog (e.g. a sequential model trained with the full softmax loss);
+        None when its scores are not probabilities (the conformal metric then fits a temperature)."""
+        return None
+
+    @property
     def engine(self) -> ScoringEngine:
         ctx = self.context
         return ctx.engine if ctx is not None and ctx.engine is not None else _default_engine()
