@@ -179,7 +179,26 @@ def build_report(root: str | Path, baseline: str | None = None, metrics: list[st
     if effects.height:
         report.sections.append(("Factors", [*factor_figures(study, effects, plotted),
                                             effects_table(effects, study, tables)]))
+    check = gallery_table(study)
+    if check is not None:
+        report.sections.insert(0, ("Reproduction check", [check]))
     return report
+
+
+def gallery_table(study: rd.Study) -> Table | None:
+    """For a study of the reproduction gallery (``scenarios/papers/``): its headline effects, pass or fail."""
+    from recloop.analysis import gallery
+
+    fn = gallery.GALLERY.get(study.name) if study.kind == "sweep" else None
+    if fn is None:
+        return None
+    rows = [[e.claim, e.policy, e.cell, str(e.n), num(e.mean), interval(e.t_lo, e.t_hi),
+             interval(e.boot_lo, e.boot_hi), f"{e.side} {e.reference:g}", "pass" if e.passed else "FAIL"]
+            for e in fn(study.lf)]
+    intro = ("The paper's headline effects (recloop.analysis.gallery): per seed, then the mean across seeds with "
+             "95 % intervals; pass where the t interval lies on the paper's side of the reference value.")
+    return Table("Reproduction check", intro, ["effect", "policy", "cell", "n", "mean", "95% t", "95% bootstrap",
+                                               "paper", "result"], rows)
 
 
 def _facts(study: rd.Study, seeded: pl.DataFrame) -> list[tuple[str, str]]:

@@ -170,6 +170,12 @@ def report(
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     html_path, md_path = write_report(run_dir, baseline=baseline, metrics=names)
     typer.echo(f"report: {html_path}\nreport: {md_path}")
+    if (run_dir / "sweep.json").is_file():  # a study of the reproduction gallery: its headline effects
+        from recloop.analysis.gallery import check_sweep, format_effects
+
+        effects = check_sweep(run_dir)
+        if effects:
+            typer.echo(format_effects(effects))
 
 
 @app.command(name="ope")

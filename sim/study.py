@@ -155,16 +155,24 @@ class Study:
 
 
 # ------------------------------------------------------------------------------------------- loading
+#: folders of ``recloop.scenarios`` that hold shipped studies, searched in this order
+STUDY_FOLDERS = ("studies", "papers")
+
+
 def shipped_study(name: str) -> Path | None:
-    """Path of a study shipped in ``recloop.scenarios/studies`` (``retrain-frequency``)."""
+    """Path of a study shipped in ``recloop.scenarios/studies`` (``retrain-frequency``) or in the reproduction
+    gallery ``recloop.scenarios/papers`` (``chaney-2018``)."""
     if not name or len(name) > 255 or any(ch in name for ch in "/\\\0"):
         return None
     fname = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
-    try:
-        p = Path(str(resources.files("recloop.scenarios").joinpath("studies", fname)))
-    except (ModuleNotFoundError, OSError, ValueError):
-        return None
-    return p if p.is_file() else None
+    for folder in STUDY_FOLDERS:
+        try:
+            p = Path(str(resources.files("recloop.scenarios").joinpath(folder, fname)))
+        except (ModuleNotFoundError, OSError, ValueError):
+            return None
+        if p.is_file():
+            return p
+    return None
 
 
 def load_study(path: str | Path, *, preflight: bool = True) -> Study:

@@ -108,11 +108,17 @@ def test_golden(name: str, tmp_path: Path):
         assert_close_elsewhere(got, want, name)
 
 
+#: metrics computed from a few draws, with their relative cross-machine tolerance
+SMALL_SAMPLE = {"llm_demo_jsd": 0.25, "llm_demo_jsd_genre": 0.25}
+
+
 def assert_close_elsewhere(got: pl.DataFrame, want: pl.DataFrame, name: str) -> None:
     """The tolerance for another machine: the same rows exactly, and every metric's mean absolute
     difference within 5 % of its typical size (+ 1e-3). A float-level difference can flip one user's
     slate and so move a few values far (seen: 1-9 % of values by up to 80 %, on OpenBLAS's SkylakeX vs
-    Haswell kernels), while the metrics stay close on average."""
+    Haswell kernels), while the metrics stay close on average. Statistics of a handful of draws get a
+    wider band (:data:`SMALL_SAMPLE`): one flipped answer of the LLM demographic probe (8 samples per
+    group) moves its JSD by a sizeable share."""
     keys = ["policy", "seed", "step", "metric", "group"]
     assert_frame_equal(got.select(keys), want.select(keys))
     both = got.with_columns(want["value"].alias("want")).with_columns(
@@ -122,7 +128,8 @@ def assert_close_elsewhere(got: pl.DataFrame, want: pl.DataFrame, name: str) -> 
         pl.col("w").abs().mean().fill_null(0.0).alias("scale"),
         (pl.col("value").is_nan() == pl.col("want").is_nan()).all().alias("same_nans"),
     )
-    bad = per_metric.filter((pl.col("mad") > 0.05 * pl.col("scale") + 1e-3) | ~pl.col("same_nans"))
+    rel = pl.col("metric").replace_strict(SMALL_SAMPLE, default=0.05, return_dtype=pl.Float64)
+    bad = per_metric.filter((pl.col("mad") > rel * pl.col("scale") + 1e-3) | ~pl.col("same_nans"))
     assert bad.height == 0, f"{name}: metrics differ beyond float-level divergence:\n{bad}"
 
 
