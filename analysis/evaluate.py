@@ -60,15 +60,17 @@ from recloop.sim.state import History
 K = 10
 METRICS = ("hr@10", "ndcg@10", "mrr@10", "coverage@10", "train_s", "tune_s", "val_ndcg@10")
 
-#: per policy type, the candidate overrides tried after the scenario's own configuration (in order)
+#: per policy type, the candidate overrides tried after the scenario's own configuration (in order; one more
+#: than the default budget needs, so a scenario whose configuration equals an override still gets 3)
 TUNING: dict[str, tuple[dict[str, Any], ...]] = {
     "als": ({"factors": 64, "regularization": 1.0, "alpha": 1.0}, {"factors": 64, "regularization": 10.0},
-            {"factors": 128, "regularization": 10.0}),
-    "bpr": ({"factors": 64, "iterations": 150}, {"iterations": 150}, {"factors": 64, "iterations": 300}),
-    "relmf": ({"iterations": 30}, {"factors": 64}),
-    "item_knn": ({"neighbors": 20}, {"neighbors": 200}),
-    "sasrec": ({"dropout": 0.5}, {"dropout": 0.2}, {"dim": 128}),
-    "cosrec": ({"dropout": 0.5}, {"dropout": 0.2}, {"dim": 128}),
+            {"factors": 128, "regularization": 10.0}, {"factors": 32, "regularization": 1.0, "alpha": 1.0}),
+    "bpr": ({"factors": 64, "iterations": 150}, {"iterations": 150}, {"factors": 64, "iterations": 300},
+            {"factors": 64, "iterations": 150, "learning_rate": 0.1}),
+    "relmf": ({"iterations": 30}, {"factors": 64}, {"factors": 64, "iterations": 30}),
+    "item_knn": ({"neighbors": 20}, {"neighbors": 200}, {"neighbors": 100}),
+    "sasrec": ({"dropout": 0.5}, {"dropout": 0.2}, {"dim": 128}, {"blocks": 1}),
+    "cosrec": ({"dropout": 0.5}, {"dropout": 0.2}, {"dim": 128}, {"blocks": 1}),
 }
 
 
