@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from recloop import registry
+from recloop.analysis import metric_kernels as MK
 from recloop.analysis import metrics as M
 from recloop.component import Component
 from recloop.contracts import PROVENANCE_NAMES, CycleRecord
@@ -166,11 +167,13 @@ class PopularityBias(MetricComponent):
             indptr, items = rec.history.csr(sample)
             lens = np.diff(indptr)
             has = lens > 0
-            owner = np.repeat(np.arange(len(sample)), lens)
-            prof_pop = np.bincount(owner, weights=pop[items], minlength=len(sample)) / np.maximum(lens, 1)
-            prof_head = np.bincount(owner, weights=head[items].astype(float), minlength=len(sample))
-            prof_head = prof_head / np.maximum(lens, 1)
-            rec_pop = M.per_user_mean(rec.slates[idx], pop)
+            sum_pop, sum_head = _history_sums(indptr, items, pop, head)
+            prof_pop = sum_pop / np.maximum(lens, 1)
+            prof_head = sum_head / np.maximum(lens, 1)
+            if full and k > 0:  # M.per_user_mean without its checks: every slot holds an item
+                rec_pop = pop[rec.slates[idx]].sum(axis=1) / k
+            else:
+                rec_pop = M.per_user_mean(rec.slates[idx], pop)
             ok = has & np.isfinite(rec_pop)
             if ok.sum() >= 5:
                 rows.append(("pop_lift", "all", M.popularity_lift(prof_pop[ok], rec_pop[ok])))
@@ -180,6 +183,18 @@ class PopularityBias(MetricComponent):
                     if sel.any():
                         rows.append(("pop_lift", name, M.popularity_lift(prof_pop[ok][sel], rec_pop[ok][sel])))
         return rows
+
+
+def _history_sums(indptr, items, pop, head) -> tuple[np.ndarray, np.ndarray]:
+    """Per history row: the sum of its items' popularity and its count of short-head items."""
+    n = len(indptr) - 1
+    if MK.HAVE_NUMBA:
+        ptr = np.asarray(indptr, np.int64)
+        return (MK.csr_row_sums(ptr, items, pop, np.empty(n)),
+                MK.csr_row_sums(ptr, items, head.astype(np.float64), np.empty(n)))
+    owner = np.repeat(np.arange(n), np.diff(indptr))
+    return (np.bincount(owner, weights=pop[items], minlength=n),
+            np.bincount(owner, weights=head[items].astype(float), minlength=n))
 
 
 @register("metric", "fairness")

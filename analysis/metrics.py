@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import stats
 
 __all__ = [
     "aclt",
@@ -271,12 +270,24 @@ def user_popularity_groups(
     n = int(ok.sum())
     if n == 0:
         return groups
-    pct = (stats.rankdata(s[ok], method="average") - 0.5) / n
+    pct = (_average_ranks(s[ok]) - 0.5) / n
     g = np.ones(n, dtype=np.int64)
     g[pct < lo] = 0
     g[pct > hi] = 2
     groups[ok] = g
     return groups
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """``scipy.stats.rankdata(x, method="average")`` for a finite 1-D array, without scipy's array-API
+    overhead: ties share the mean of their ordinal ranks (first + (count − 1)/2, exact in float64)."""
+    order = np.argsort(x, kind="stable")
+    y = x[order]
+    first = np.flatnonzero(np.concatenate([[True], y[1:] != y[:-1]]))
+    counts = np.diff(first, append=len(y))
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.repeat((first + 1) + (counts - 1) / 2.0, counts)
+    return ranks
 
 
 # --------------------------------------------------------------------------- M-EXPFAIR

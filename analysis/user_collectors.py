@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from recloop.analysis import metric_kernels as MK
 from recloop.analysis import user_metrics as UM
 from recloop.analysis.collectors import MetricComponent
 from recloop.limits import MAX_SAMPLE
@@ -28,6 +29,29 @@ def _mean_pair_jaccard(indptr, items, pairs) -> float:
     out = np.empty(len(pairs), np.float64)
     kernels.pair_jaccard(np.asarray(indptr, np.int64), np.asarray(items, np.int64), pairs, out)
     return float(out.mean())
+
+
+def _history_pair_jaccard(history, pairs: np.ndarray) -> float:
+    """Mean Jaccard of the pairs' histories: one CSR row per pair member (no unique/search step)."""
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    if not kernels.HAVE_NUMBA:
+        users = np.unique(pairs)
+        indptr, items = history.csr(users)
+        return _mean_pair_jaccard(indptr, items, np.searchsorted(users, pairs))
+    indptr, items = history.csr(pairs.ravel())
+    return _mean_pair_jaccard(indptr, items, np.arange(pairs.size, dtype=np.int64).reshape(-1, 2))
+
+
+def _slate_pair_jaccard(slates: np.ndarray, pos: np.ndarray) -> float:
+    """Mean Jaccard of the slates of row pairs ``pos`` (empty slots, -1, skipped)."""
+    if MK.HAVE_NUMBA and len(pos):
+        out = np.empty(len(pos), np.float64)
+        MK.slate_pair_jaccard(np.ascontiguousarray(slates, np.int64), np.ascontiguousarray(pos, np.int64), out)
+        return float(out.mean())
+    need, local = np.unique(pos, return_inverse=True)  # only the paired users' slates
+    sl = np.sort(slates[need], axis=1)  # sorted rows (empty slots -1 first, skipped): a CSR
+    ip = np.arange(0, sl.size + 1, max(sl.shape[1], 1), dtype=np.int64)[: len(sl) + 1]
+    return _mean_pair_jaccard(ip, sl.ravel(), local.reshape(-1, 2))
 
 
 @register("metric", "calibration")
@@ -129,23 +153,15 @@ class Homogenization(MetricComponent):
         return np.stack([q, partner], axis=1)
 
     def compute(self, rec):
-        users = np.unique(self.pairs)
-        indptr, items = rec.history.csr(users)
-        local = np.searchsorted(users, self.pairs)
-        rows = [("homogenization", "", _mean_pair_jaccard(indptr, items, local))]
+        rows = [("homogenization", "", _history_pair_jaccard(rec.history, self.pairs))]
         pos = np.searchsorted(rec.users, self.pairs)
         pos = np.minimum(pos, len(rec.users) - 1)
         both = (rec.users[pos] == self.pairs).all(axis=1)
         if both.any():
-            need, local = np.unique(pos[both], return_inverse=True)  # only the paired users' slates
-            sl = np.sort(rec.slates[need], axis=1)  # sorted rows (empty slots -1 first, skipped): a CSR
-            ip = np.arange(0, sl.size + 1, max(sl.shape[1], 1), dtype=np.int64)[: len(sl) + 1]
-            rows.append(("rec_similarity", "", _mean_pair_jaccard(ip, sl.ravel(), local.reshape(-1, 2))))
+            rows.append(("rec_similarity", "", _slate_pair_jaccard(rec.slates, pos[both])))
         pairs = self._similar_pairs(rec)
         self._last_pairs = pairs
-        us = np.unique(pairs)
-        ip, it = rec.history.csr(us)
-        rows.append(("homogenization_similar", "", _mean_pair_jaccard(ip, it, np.searchsorted(us, pairs))))
+        rows.append(("homogenization_similar", "", _history_pair_jaccard(rec.history, pairs)))
         return rows
 
 
@@ -167,7 +183,9 @@ def _most_similar(U: np.ndarray, q: np.ndarray, n: int, rng: np.random.Generator
     memory and time: |q| x block float32 products). Candidates come in random order and the first
     maximum wins, so ties break at random."""
     cand = rng.permutation(n) if n <= SIMILAR_POOL else rng.choice(n, size=SIMILAR_POOL, replace=False)
-    Q = _unit_rows(U[q]).astype(np.float32)
+    whole = len(cand) >= n  # every user is a candidate: normalise each row once (row-wise, same values)
+    unit = _unit_rows(U[:n]).astype(np.float32) if whole else None
+    Q = unit[q] if whole else _unit_rows(U[q]).astype(np.float32)
     slot = np.full(n, -1, np.int64)
     slot[cand] = np.arange(len(cand))
     self_slot = slot[q]  # where each sampled user sits in the pool (-1: not in it)
@@ -176,7 +194,7 @@ def _most_similar(U: np.ndarray, q: np.ndarray, n: int, rng: np.random.Generator
     rows = np.arange(len(q))
     for lo in range(0, len(cand), _SIMILAR_BLOCK):
         c = cand[lo:lo + _SIMILAR_BLOCK]
-        sims = Q @ _unit_rows(U[c]).astype(np.float32).T
+        sims = Q @ (unit[c] if whole else _unit_rows(U[c]).astype(np.float32)).T
         mine = (self_slot >= lo) & (self_slot < lo + len(c))
         sims[rows[mine], self_slot[mine] - lo] = -np.inf  # not oneself
         j = np.argmax(sims, axis=1)

@@ -380,6 +380,32 @@ def csr_sorted_unique(ptr, idx):
 
 
 @njit(cache=True, nogil=True)
+def csr_gather_unique(ptr, idx, users):
+    """Rows ``users`` of a CSR whose rows are sorted (duplicates allowed), duplicates removed, as a new
+    int64 CSR in ``users`` order; users outside the CSR get empty rows (one pass per row, no sort)."""
+    n_rows = ptr.shape[0] - 1
+    n = users.shape[0]
+    new_ptr = np.zeros(n + 1, np.int64)
+    total = 0
+    for r in range(n):
+        u = users[r]
+        if 0 <= u < n_rows:
+            total += ptr[u + 1] - ptr[u]
+    out = np.empty(total, np.int64)
+    w = 0
+    for r in range(n):
+        u = users[r]
+        if 0 <= u < n_rows:
+            for j in range(ptr[u], ptr[u + 1]):
+                v = np.int64(idx[j])
+                if j == ptr[u] or v != out[w - 1]:
+                    out[w] = v
+                    w += 1
+        new_ptr[r + 1] = w
+    return new_ptr, out[:w]
+
+
+@njit(cache=True, nogil=True)
 def pair_jaccard(ptr, idx, pairs, out):
     """out[p] = |A ∩ B| / |A ∪ B| for rows A = pairs[p, 0], B = pairs[p, 1] of a CSR with sorted,
     duplicate-free rows (0 when both are empty); negative entries are ignored."""

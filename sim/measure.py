@@ -49,7 +49,11 @@ class MetricSuite:
 
     def user_sample(self, active: np.ndarray) -> np.ndarray:
         """The fixed user sample, restricted to users active this cycle (``active`` is sorted)."""
-        return self.sample[np.isin(self.sample, active, assume_unique=True)]
+        if not len(self.sample) or not len(active):
+            return self.sample[:0]
+        here = np.zeros(max(int(self.sample.max()), int(active.max())) + 1, bool)  # a mask of ids: no sort
+        here[active] = True
+        return self.sample[here[self.sample]]
 
     def measure(self, record: CycleRecord) -> list[Row]:
         rows: list[Row] = []

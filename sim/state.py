@@ -352,12 +352,33 @@ class History:
         width = int(max(items.max(initial=0), c.max(initial=0))) + 1
         return np.isin(inv * width + items, r * width + c)
 
+    def _merged(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every segment merged into one CSR (rows sorted, no duplicates), kept until the segments change
+        (several metrics ask for most users' histories in one cycle: one merge serves them all)."""
+        segs = list(self.segments)
+        cache = getattr(self, "_merged_cache", None)
+        if cache is not None and len(cache[0]) == len(segs) and all(a is b for a, b in zip(cache[0], segs)):
+            return cache[1]
+        ptr, idx = segs[0]
+        for seg in segs[1:]:
+            ptr, idx = kernels.merge_csr(ptr, idx, *seg)
+        self._merged_cache = (segs, (ptr, idx))
+        return ptr, idx
+
     def csr(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A deduplicated CSR (indptr, indices) over the given users (in that order), rows sorted."""
 
-        if kernels.HAVE_NUMBA:
-            ptr, items = self.rows_csr(users)
-            return kernels.csr_sorted_unique(ptr, items)
+        if kernels.HAVE_NUMBA:  # each segment's rows are sorted: gather them, then merge (no sort)
+            users = np.asarray(users, dtype=np.int64)
+            segs = self.segments
+            if not segs:
+                return np.zeros(len(users) + 1, np.int64), np.zeros(0, np.int64)
+            if len(segs) > 1 and 4 * len(users) >= self.n_users:  # a large share of users: merge all once
+                return kernels.csr_gather_unique(*self._merged(), users)
+            ptr, items = kernels.csr_gather_unique(*segs[0], users)
+            for seg in segs[1:]:
+                ptr, items = kernels.merge_csr(ptr, items, *kernels.csr_gather_unique(*seg, users))
+            return ptr, items
         r, c = self.pairs(users)
         if len(r):
             key = np.unique(r * (int(c.max()) + 1) + c)
