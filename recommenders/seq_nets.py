@@ -74,6 +74,35 @@ class SoftmaxAttention(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
         return self.Wo(a.transpose(1, 2).reshape(B, L, self.dim))
 
+    def last(self, x: Tensor, valid: Tensor, kernel: str = "torch") -> Tensor:
+        """[B, d]: the output at the last position only (it sees every valid position, causal or not)."""
+        B, L, _ = x.shape
+        allowed = valid.clone()
+        allowed[:, -1] = True
+        q, k, v = self._split(self.Wq(x[:, -1:])), self._split(self.Wk(x)), self._split(self.Wv(x))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :])
+        return self.Wo(a.reshape(B, self.dim))
+
+
+def cosine_last(attn: CosineAttention, x: Tensor, valid: Tensor, kernel: str = "torch") -> Tensor:
+    """[B, d]: :class:`CosineAttention`'s output at the last position only, in O(L d) per head: the cosine
+    of the last query with every valid key times the values, over the layer's length normaliser (causal:
+    each value row over max(c_s, 1)^σ(m), c_s its count of valid positions; bidirectional: the sum over
+    max(n, 1)^σ(m)). Equal to ``attn(x, valid)[:, -1]`` (tested), for serving without the other queries."""
+    B, L, d = x.shape
+    q = F.normalize(attn._split(attn.Wq(x[:, -1:])), dim=-1)  # [B, H, 1, dh]
+    mask = valid.to(x.dtype)[:, None, :, None]
+    k = F.normalize(attn._split(attn.Wk(x)), dim=-1) * mask
+    v = attn._split(attn.Wv(x)) * mask
+    e = torch.sigmoid(attn.m.to(x.dtype))[None, :, None]  # [1, H, 1]
+    if attn.causal:
+        count = valid.to(x.dtype).cumsum(-1).clamp(min=1.0)[:, None, :]  # [B, 1, L]
+        out = ((q @ k.transpose(-1, -2)) / (count ** e)[:, :, None, :]) @ v
+    else:
+        n = valid.to(x.dtype).sum(-1).clamp(min=1.0)[:, None, None]  # [B, 1, 1]
+        out = (q @ k.transpose(-1, -2)) @ v / (n ** e)[..., None]
+    return attn.Wo(out.reshape(B, d))
+
 
 class Block(nn.Module):
     """Pre-LN transformer block: x + drop(attn(LN x)); x + drop(FFN(LN x)); padded rows zeroed."""
@@ -89,6 +118,13 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln1(x), valid, kernel))
         x = x + self.drop(self.ffn(self.ln2(x)))
         return x * valid[..., None].to(x.dtype)
+
+    def last(self, x: Tensor, valid: Tensor) -> Tensor:
+        """[B, d]: the block's output at the last position only (which must be valid)."""
+        h = self.ln1(x)
+        a = self.attn.last(h, valid) if isinstance(self.attn, SoftmaxAttention) else cosine_last(self.attn, h, valid)
+        y = x[:, -1] + self.drop(a)
+        return y + self.drop(self.ffn(self.ln2(y)))
 
 
 class SeqNet(nn.Module):
@@ -142,23 +178,30 @@ class SeqNet(nn.Module):
         full = torch.cat([self.items[:1], self.item_table(), self.mask_emb[None]])
         return F.embedding(tokens, full, padding_idx=0)
 
-    def encode(self, tokens: Tensor, kernel: str = "torch") -> Tensor:
-        """Hidden states [B, L, d] of left-padded tokens [B, L] (L <= max_len, right-aligned positions)."""
-        B, L = tokens.shape
+    def _input(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        L = tokens.shape[1]
         valid = tokens > 0
         x = self._embed(tokens) * math.sqrt(self.dim) + self.pos[self.max_len - L:][None]
-        x = self.drop(x) * valid[..., None].to(x.dtype)
+        return self.drop(x) * valid[..., None].to(x.dtype), valid
+
+    def encode(self, tokens: Tensor, kernel: str = "torch") -> Tensor:
+        """Hidden states [B, L, d] of left-padded tokens [B, L] (L <= max_len, right-aligned positions)."""
+        x, valid = self._input(tokens)
         for block in self.blocks:
             x = block(x, valid, kernel)
         return self.ln(x)
 
     def user_repr(self, tokens: Tensor, kernel: str = "torch") -> Tensor:
         """[B, d]: causal: the last position's hidden state; bidirectional: shift left, append [MASK] and
-        take its output. ``tokens`` are the user's recent items, left-padded, most recent last."""
+        take its output. ``tokens`` are the user's recent items, left-padded, most recent last (the last
+        column must hold an item). The last block is evaluated at the last position only."""
         if self.form == "bidirectional":
             mask = torch.full_like(tokens[:, :1], self.mask_token)
             tokens = torch.cat([tokens[:, 1:], mask], dim=1)
-        return self.encode(tokens, kernel)[:, -1]
+        x, valid = self._input(tokens)
+        for block in self.blocks[:-1]:
+            x = block(x, valid, kernel)
+        return self.ln(self.blocks[-1].last(x, valid))
 
     # -- a growing catalog --------------------------------------------------------------------------
     def grow(self, n_new: int, text: np.ndarray | None = None) -> nn.Parameter:

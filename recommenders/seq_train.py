@@ -12,8 +12,10 @@
   from the fit's generator; dropout from torch's generator seeded from it (forked, so nothing else's
   draws change).
 * **Early stopping** on NDCG@10 of the held-out items (full catalog, the input items excluded), for
-  at most ``eval_users`` users: the model and optimizer of the best epoch are kept; a warm fit starts
-  from the score of the weights it was given, so fine-tuning never makes them worse on new data.
+  at most ``eval_users`` users: the model and optimizer of the best epoch are kept. A warm fit keeps
+  the best of its own epochs, never the weights it started from: in the loop the held-out items were
+  picked from the current model's own slates, so the score of the current weights is biased upwards
+  and comparing with it would freeze the model.
 
 Optimizer state is saved by parameter name as NumPy arrays (:func:`optimizer_state`), the safe
 checkpoint format, and follows a growing item table (new rows start with zero moments).
@@ -200,18 +202,20 @@ def _epoch(net, opt, data: FitData, cfg: TrainConfig, rng: np.random.Generator) 
 
 
 def fit_net(net: SeqNet, opt: torch.optim.Optimizer, data: FitData, epochs: int, cfg: TrainConfig,
-            rng: np.random.Generator, warm: bool) -> dict:
-    """Train up to ``epochs`` epochs with early stopping; returns {epochs, best_epoch, val_ndcg}."""
+            rng: np.random.Generator) -> dict:
+    """Train up to ``epochs`` epochs with early stopping; returns {epochs, best_epoch, val_ndcg, val_curve}
+    (the validation NDCG@10 after each epoch)."""
     seed = int(rng.integers(0, 2**63 - 1))
-    best = validation_ndcg(net, data) if warm else -np.inf
+    best = -np.inf
     kept = _snapshot(net, opt)
-    best_epoch, since, ran = 0, 0, 0
+    best_epoch, since, ran, curve = 0, 0, 0, []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for epoch in range(1, epochs + 1):
             _epoch(net, opt, data, cfg, rng)
             ran = epoch
             score = validation_ndcg(net, data)
+            curve.append(round(float(score), 5) if np.isfinite(score) else None)
             if score > best or not len(data.val_target):
                 best, best_epoch, since, kept = score, epoch, 0, _snapshot(net, opt)
             else:
@@ -221,7 +225,8 @@ def fit_net(net: SeqNet, opt: torch.optim.Optimizer, data: FitData, epochs: int,
     net.load_state_dict(kept[0])
     opt.load_state_dict(kept[1])
     net.eval()
-    return {"epochs": ran, "best_epoch": best_epoch, "val_ndcg": float(best) if np.isfinite(best) else None}
+    return {"epochs": ran, "best_epoch": best_epoch, "val_ndcg": float(best) if np.isfinite(best) else None,
+            "val_curve": curve}
 
 
 def _snapshot(net: SeqNet, opt: torch.optim.Optimizer) -> tuple[dict, dict]:

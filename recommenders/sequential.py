@@ -36,7 +36,9 @@ torch is imported only when a sequential policy fits or scores.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -50,7 +52,20 @@ from .base import Feedback, Policy
 __all__ = ["CosRec", "SASRec"]
 
 _REPR_BATCH = 512
+AUTO_FULL = 2048  #: ``negatives: auto``: the full softmax up to this many items ...
+AUTO_SAMPLED = 512  #: ... and this many sampled negatives above it
 _PARALLEL_WORK = 1 << 20  #: tokens x dim of a block worth more than one thread
+
+
+_POOL: dict = {"pid": None, "size": 0, "pool": None}
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    """This module's thread pool for serving batches (recreated after fork or to grow)."""
+    if _POOL["pid"] != os.getpid() or _POOL["size"] < size:
+        _POOL.update(pid=os.getpid(), size=size,
+                     pool=ThreadPoolExecutor(max_workers=size, thread_name_prefix="recloop-seq"))
+    return _POOL["pool"]
 
 
 @contextlib.contextmanager
@@ -79,21 +94,23 @@ class DSLParams(Params):
 
 
 class _SeqParams(Params):
-    max_len: int = Field(50, ge=2, le=4096, description="L: items per sequence")
+    max_len: int = Field(200, ge=2, le=4096, description="L: items per sequence")
     blocks: int = Field(2, ge=1, le=64, description="attention blocks")
     heads: int = Field(1, ge=1, le=64, description="attention heads (must divide dim)")
     dim: int = Field(64, ge=2, le=MAX_DIM, description="d: embedding width")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     loss: Literal["bce", "softmax", "dsl"] = Field("softmax", description="training loss (see seq_losses)")
-    negatives: int = Field(0, ge=0, le=MAX_SAMPLE, description="sampled negatives of softmax/dsl (0 = full catalog)")
+    negatives: Annotated[int, Field(ge=0, le=MAX_SAMPLE)] | Literal["auto"] = Field(
+        "auto", description=f"negatives of softmax/dsl: 0 = the full catalog, N = N uniformly sampled per batch, "
+                            f"auto = the full catalog up to {AUTO_FULL} items, else {AUTO_SAMPLED} sampled")
     tau: float = Field(1.0, gt=0, description="τ (τ0 of dsl): softmax temperature")
     dsl: DSLParams = Field(default_factory=DSLParams, description="DSL's branch parameters")
     initial_epochs: int = Field(100, ge=0, le=MAX_ITERATIONS, description="epochs of a cold fit (early stopping)")
     epochs: int = Field(3, ge=0, le=MAX_ITERATIONS, description="epochs of a warm fine-tune (early stopping)")
-    patience: int = Field(5, ge=1, le=MAX_ITERATIONS, description="epochs without a better validation NDCG@10")
-    lr: float = Field(2e-3, gt=0, description="Adam learning rate")
+    patience: int = Field(8, ge=1, le=MAX_ITERATIONS, description="epochs without a better validation NDCG@10")
+    lr: float = Field(5e-3, gt=0, description="Adam learning rate")
     batch_size: int = Field(128, ge=1, le=MAX_SAMPLE, description="sequences per step")
-    max_sequences: int = Field(4096, ge=1, le=MAX_SAMPLE, description="sequences per epoch at most")
+    max_sequences: int = Field(1024, ge=1, le=MAX_SAMPLE, description="sequences per epoch at most")
     eval_users: int = Field(1000, ge=0, le=MAX_SAMPLE, description="validation users for early stopping at most")
     train_threads: int = Field(1, ge=1, le=MAX_THREADS, description=(
         "torch threads for training: part of the model's configuration, since the last float bits of a "
@@ -128,6 +145,20 @@ class _SequentialPolicy(Policy):
 
     # -- configuration ------------------------------------------------------------------------------
     @property
+    def score_temperature(self) -> float | None:
+        """τ when trained with the full softmax loss (its scores are then the model's logits)."""
+        p = self.params
+        full = self._negatives(self.net.n_items if self.net is not None else 0) == 0
+        return float(p.tau) if p.loss == "softmax" and full else None
+
+    def _negatives(self, n_items: int) -> int:
+        """Sampled negatives per batch for a catalog of ``n_items`` (0 = the full catalog)."""
+        neg = self.params.negatives
+        if neg == "auto":
+            return 0 if n_items <= AUTO_FULL else AUTO_SAMPLED
+        return int(neg)
+
+    @property
     def form(self) -> str:
         return "causal"
 
@@ -139,8 +170,8 @@ class _SequentialPolicy(Policy):
         from .seq_train import TrainConfig
 
         p = self.params
-        return TrainConfig(p.loss, p.negatives, p.tau, p.dsl.model_dump(), p.lr, p.batch_size, p.max_sequences,
-                           getattr(p, "mask_ratio", 0.2), getattr(p, "ft_ratio", 0.0), p.patience)
+        return TrainConfig(p.loss, self._negatives(self.net.n_items), p.tau, p.dsl.model_dump(), p.lr, p.batch_size,
+                           p.max_sequences, getattr(p, "mask_ratio", 0.2), getattr(p, "ft_ratio", 0.0), p.patience)
 
     def _torch(self):
         import torch
@@ -231,7 +262,7 @@ class _SequentialPolicy(Policy):
         report = {"step": int(step), "warm": warm, "sequences": int(len(fd.train)), "epochs": 0}
         if len(fd.train) and epochs > 0:
             with torch_threads(p.train_threads):
-                report.update(fit_net(self.net, self.opt, fd, epochs, self._config(), fit_rng, warm))
+                report.update(fit_net(self.net, self.opt, fd, epochs, self._config(), fit_rng))
         self.fits = (self.fits + [report])[-20:]
         self.net.eval()
         self.dirty[:] = True
@@ -263,18 +294,33 @@ class _SequentialPolicy(Policy):
         self.dirty[dirty] = False
 
     def _encode_users(self, users: np.ndarray) -> None:
+        """Representations of ``users`` (sorted by length) in fixed batches of ``_REPR_BATCH``. With the
+        torch kernel the batches run on ``engine.threads`` threads of this module's own pool (one torch
+        thread each: robust on a loaded machine; never the engine's pool, whose callbacks may call
+        here); a fused kernel runs them in turn with its own threads. A batch's result does not depend
+        on which thread ran it."""
         from .seq_train import _trim
 
         torch = self._torch()
         self.net.eval()
-        with torch.no_grad():
-            for lo in range(0, len(users), _REPR_BATCH):
-                ids = users[lo:lo + _REPR_BATCH]
-                tok = _trim(self.seqs[ids].astype(np.int64) + 1)
-                with self._threads(tok.size * self.params.dim):
-                    out = self.net.user_repr(torch.from_numpy(tok), self.kernel)
-                self.reprs[ids, :-1] = out.numpy()
-                self.reprs[ids, -1] = 0.0
+        batches = [users[lo:lo + _REPR_BATCH] for lo in range(0, len(users), _REPR_BATCH)]
+
+        def run(ids: np.ndarray) -> None:
+            tok = torch.from_numpy(_trim(self.seqs[ids].astype(np.int64) + 1))
+            with torch.no_grad():  # grad mode is per thread
+                out = self.net.user_repr(tok, self.kernel)
+            self.reprs[ids, :-1] = out.numpy()
+            self.reprs[ids, -1] = 0.0
+
+        workers = int(getattr(self.engine, "workers", 1))
+        if self.kernel == "torch" and workers > 1 and len(batches) > 1:
+            with torch_threads(1):
+                for f in [_pool(workers).submit(run, ids) for ids in batches]:
+                    f.result()
+            return
+        for ids in batches:
+            with self._threads(len(ids) * self.seqs.shape[1] * self.params.dim):
+                run(ids)
 
     def factors(self, view) -> tuple[np.ndarray, np.ndarray, None]:
         self._ensure_users(view)
@@ -344,7 +390,8 @@ class _SequentialPolicy(Policy):
 
     def run_report(self) -> dict:
         """The last fits (epochs run, best epoch, validation NDCG@10) for the run's manifest."""
-        return {f"{self.registry_name}_fits": [dict(f) for f in self.fits[-5:]]}
+        fits = [{k: v for k, v in f.items() if k != "val_curve"} for f in self.fits[-5:]]
+        return {f"{self.registry_name}_fits": fits}
 
 
 def push_items(seqs: np.ndarray, users: np.ndarray, items: np.ndarray) -> None:

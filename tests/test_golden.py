@@ -50,7 +50,11 @@ CASES: dict[str, dict] = {
     "conformal-control": {},
     "conformal-validity": {},
     "conformal-compress": {},
-    "sequential": {},
+    "sequential": {"policies": {  # short cold fits: the full ones take minutes
+        "popularity": {"type": "popularity"}, "als": {"type": "als", "factors": 16},
+        "bpr": {"type": "bpr", "factors": 16, "iterations": 10},
+        "sasrec": {"type": "sasrec", "initial_epochs": 2, "epochs": 1, "dim": 16, "max_len": 20},
+        "cosrec": {"type": "cosrec", "initial_epochs": 2, "epochs": 1, "dim": 16, "max_len": 20}}},
 }
 LEFT_OUT = {"llm-roles-real", "echotrace-ml100k-real"}
 

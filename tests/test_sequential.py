@@ -262,3 +262,39 @@ def test_item_text_fuses_minilm_vectors_of_titles_and_genres(tmp_path, monkeypat
     want = svc.item_vectors(view, n - 3, 3)
     assert np.allclose(pol.text[n - 3:], want, atol=1e-5)  # the grown items' vectors are their texts'
     assert float(pol.net.text_proj.weight.detach().abs().sum()) > 0  # the projection was trained
+
+
+def test_conformal_metric_uses_the_models_own_probabilities():
+    """``temperature: model``: a sasrec trained with the full softmax loss gives its own probabilities
+    (softmax(score / τ)), so no temperature is fitted; with BCE the metric falls back to the fit."""
+    from recloop.sim.config import validate_mapping as vm
+
+    def metric_after(loss):
+        raw = _scenario("sasrec", loss=loss, tau=0.5).resolved()
+        raw["metrics"] = {"include": [{"type": "conformal", "methods": ["lac"], "alphas": [0.2],
+                                       "calibration": ["recal"], "temperature": "model", "calibration_users": 15,
+                                       "test_users": 15, "temperature_users": 10}], "user_sample": 30}
+        sc = vm(raw)
+        m, rows = _run(sc, 3)
+        comp = next(c for c in m.metrics.components if type(c).__name__.lower().startswith("conformal"))
+        return comp, [r for step in rows for r in step if r[0] == "conformal_coverage"]
+
+    comp, rows = metric_after("softmax")
+    assert comp.own_probabilities and comp.beta == 2.0 and comp.fits == 0 and rows
+    comp, rows = metric_after("bce")
+    assert not comp.own_probabilities and comp.fits > 0 and rows
+
+
+@pytest.mark.parametrize("attention,form", [("softmax", "causal"), ("softmax", "bidirectional"),
+                                            ("cosine", "causal"), ("cosine", "bidirectional")])
+def test_serving_the_last_position_only_equals_the_full_encoder(attention, form):
+    net = new_net(40, 1, dim=16, max_len=9, blocks=2, heads=2, dropout=0.3, attention=attention, form=form)
+    net.eval()
+    tok = torch.randint(1, 41, (6, 9), generator=torch.Generator().manual_seed(3))
+    tok[0, :7] = 0
+    tok[1, :3] = 0
+    with torch.no_grad():
+        fast = net.user_repr(tok)
+        full_tok = tok if form == "causal" else torch.cat([tok[:, 1:], torch.full_like(tok[:, :1], net.mask_token)], 1)
+        full = net.encode(full_tok)[:, -1]
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
